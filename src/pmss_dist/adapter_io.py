@@ -1,0 +1,66 @@
+"""The trained adapter in a small file of our own: ``adapter.safetensors`` (cores or LoRA factors,
+skeleton indices) beside ``adapter.json`` (kind, rank, alpha, targets, base model).
+
+Adapter tensors are replicated on every rank, so rank 0 writes them as they are: no gather.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pmss_dist.adapters import PMSSLinear, adapter_layers
+from pmss_dist.files import atomic_write
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        if isinstance(layer, PMSSLinear):
+            state[f"{name}.core"] = layer.core.detach()
+            state[f"{name}.row_idx"] = layer.row_idx
+            state[f"{name}.col_idx"] = layer.col_idx
+        else:
+            state[f"{name}.lora_a"] = layer.lora_a.detach()
+            state[f"{name}.lora_b"] = layer.lora_b.detach()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(model)
+    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out_dir / ADAPTER_META, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    return out_dir
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    adapter_dir = Path(adapter_dir)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_META):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"{adapter_dir / name} not found: not a pmss_dist adapter directory")
+    return load_file(str(adapter_dir / ADAPTER_WEIGHTS)), json.loads((adapter_dir / ADAPTER_META).read_text())
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter tensors into a model whose adapters have the same names and shapes."""
+    expected = adapter_state(model)
+    if set(expected) != set(state):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"adapter does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, layer in adapter_layers(model).items():
+        for attr in ("core", "row_idx", "col_idx") if isinstance(layer, PMSSLinear) else ("lora_a", "lora_b"):
+            target, value = getattr(layer, attr), state[f"{name}.{attr}"]
+            if target.shape != value.shape:
+                raise ValueError(f"adapter tensor {name}.{attr} has shape {tuple(value.shape)}, "
+                                 f"model expects {tuple(target.shape)}")
+            target.copy_(value)

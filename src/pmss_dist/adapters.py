@@ -1,0 +1,236 @@
+"""PMSS and LoRA layers, and the functions that put them into a torchtune model.
+
+Both adapters wrap a frozen ``nn.Linear`` the same way: the base ``weight`` (and ``bias``)
+stay where ``nn.Linear`` keeps them, so state-dict keys, FSDP2 sharding and HF conversion
+treat an adapted layer like a plain one; the trainable tensors are small and replicated.
+
+PMSS forward. With ``C = W[:, J]`` and ``R = W[I, :]``::
+
+    x·(W + s·C·U·R)ᵀ = y + s·((y[..., I])·Uᵀ)·Cᵀ,   y = x·Wᵀ
+
+The row skeleton costs nothing: ``x·Rᵀ`` is the base output at rows ``I``. The column
+skeleton is read from the (FSDP-gathered) weight in forward instead of stored, so PMSS adds
+no frozen memory at all. ``bench/bench_layer.py`` measures this against stored copies;
+``docs/DESIGN.md`` records the result.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# HF projection names (what users write in configs) -> torchtune module names.
+TARGET_ALIASES = {
+    "q_proj": "q_proj",
+    "k_proj": "k_proj",
+    "v_proj": "v_proj",
+    "o_proj": "output_proj",
+    "gate_proj": "w1",
+    "up_proj": "w3",
+    "down_proj": "w2",
+}
+ADAPTER_KINDS = ("pmss", "lora")
+
+
+class PMSSLinear(nn.Module):
+    """A frozen linear layer plus the PMSS update ``s·C·U·R`` with a trainable ``k × k`` core."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scale = alpha / rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+                     if bias else None)
+        # Skeleton indices are set by `assign_skeletons` once the base weights are loaded.
+        self.register_buffer("row_idx", torch.empty(rank, dtype=torch.long, device=device))
+        self.register_buffer("col_idx", torch.empty(rank, dtype=torch.long, device=device))
+        # fp32 whatever the base dtype: the optimizer state and the update stay exact.
+        self.core = nn.Parameter(torch.zeros(rank, rank, device=device, dtype=torch.float32))
+
+    def reset_adapter(self, seed: int, name: str) -> None:
+        del seed, name  # a zero core needs no randomness: the run starts at the base model
+        with torch.no_grad():
+            self.core.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight)
+        row_proj = base.index_select(-1, self.row_idx)  # x·Rᵀ, read off the base output
+        col_skeleton = self.weight.index_select(1, self.col_idx)  # C = W[:, J]
+        update = F.linear(F.linear(row_proj, self.core.to(base.dtype)), col_skeleton)
+        out = base + self.scale * update
+        return out if self.bias is None else out + self.bias
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``s·C·U·R`` in fp32, the exact update that `merge` folds into the weight."""
+        w = self.weight.float()
+        return self.scale * (w[:, self.col_idx] @ self.core.float() @ w[self.row_idx, :])
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, k={self.rank}, scale={self.scale:g}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus ``s·B·A`` (Hu et al. 2021), the baseline PMSS is compared with."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scale = alpha / rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+                     if bias else None)
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
+
+    def reset_adapter(self, seed: int, name: str) -> None:
+        # Replicated on every rank, so the random A is drawn from a generator that depends
+        # only on the run's seed and the layer's name, never on the rank.
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        a = torch.empty(self.rank, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)  # nn.Linear's and peft's init
+        with torch.no_grad():
+            self.lora_a.copy_(a)
+            self.lora_b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return out + self.scale * F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_b.float() @ self.lora_a.float())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
+
+
+ADAPTER_CLASSES = {"pmss": PMSSLinear, "lora": LoRALinear}
+AdapterLinear = PMSSLinear | LoRALinear
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str = "pmss"
+    targets: tuple[str, ...] = tuple(TARGET_ALIASES)
+    rank: int = 16
+    alpha: float = 16.0
+
+
+def _torchtune_names(targets) -> set[str]:
+    unknown = [t for t in targets if t not in TARGET_ALIASES]
+    if unknown:
+        raise ValueError(f"adapter.targets: unknown projection(s) {unknown}; "
+                         f"choose from {list(TARGET_ALIASES)}")
+    return {TARGET_ALIASES[t] for t in targets}
+
+
+def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, int]:
+    """Swap the targeted ``nn.Linear`` layers of a torchtune decoder for adapter layers, freeze
+    everything else, and return ``{"trainable": .., "total": ..}`` parameter counts.
+
+    Works on the meta device (the distributed path) and on real weights (copied over). PMSS
+    layers still need `assign_skeletons` before training.
+    """
+    if spec.kind not in ADAPTER_CLASSES:
+        raise ValueError(f"adapter.kind: unknown adapter {spec.kind!r}; choose from {list(ADAPTER_KINDS)}")
+    if spec.rank <= 0:
+        raise ValueError(f"adapter.rank must be positive, got {spec.rank}")
+    wanted = _torchtune_names(spec.targets)
+    cls = ADAPTER_CLASSES[spec.kind]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    swapped = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name not in wanted or type(child) is not nn.Linear:
+                continue
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            limit = min(child.in_features, child.out_features) if spec.kind == "pmss" else None
+            if limit is not None and spec.rank > limit:
+                raise ValueError(f"adapter.rank={spec.rank} is larger than layer {full_name} allows "
+                                 f"({child.out_features}x{child.in_features}: k <= {limit}); lower adapter.rank")
+            layer = cls(child.in_features, child.out_features, spec.rank, spec.alpha,
+                        bias=child.bias is not None, device=child.weight.device, dtype=child.weight.dtype)
+            if child.weight.device.type != "meta":
+                with torch.no_grad():
+                    layer.weight.copy_(child.weight)
+                    if child.bias is not None:
+                        layer.bias.copy_(child.bias)
+            setattr(parent, child_name, layer)
+            swapped += 1
+    if swapped == 0:
+        raise ValueError(f"adapter.targets {list(spec.targets)} matched no nn.Linear in the model")
+    return count_parameters(model)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    """Adapter layers by fully qualified name, in module order (the same on every rank)."""
+    return {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): m
+            for name, m in model.named_modules() if isinstance(m, (PMSSLinear, LoRALinear))}
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    # numel of a DTensor is its global size, so counts are the same sharded or not.
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def reset_adapters(model: nn.Module, seed: int) -> None:
+    """Initialise every adapter's trainable tensors (after ``to_empty`` on the meta path)."""
+    for name, layer in adapter_layers(model).items():
+        layer.reset_adapter(seed, name)
+
+
+def assign_skeletons(model: nn.Module, method: str = "deim", *, seed: int = 0, svd: str = "auto",
+                     selections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Choose (or take from ``selections``) the skeleton of every PMSS layer and write the indices
+    into its buffers. Weights may be plain tensors or FSDP2 shards; the indices do not depend on
+    the world size. Returns ``{layer_name: (rows, cols)}``."""
+    from pmss_dist.distributed_selection import select_skeletons
+
+    layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, PMSSLinear)}
+    if selections is None:
+        selections = select_skeletons({n: m.weight for n, m in layers.items()},
+                                      {n: m.rank for n, m in layers.items()},
+                                      method, seed=seed, svd=svd, progress=progress)
+    missing = sorted(set(layers) - set(selections))
+    if missing:
+        raise ValueError(f"skeleton selection has no indices for layer(s) {missing[:3]}...")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            rows, cols = selections[name]
+            if rows.numel() != layer.rank or cols.numel() != layer.rank:
+                raise ValueError(f"selection for {name} has {rows.numel()}/{cols.numel()} indices, "
+                                 f"layer rank is {layer.rank}")
+            layer.row_idx.copy_(rows)
+            layer.col_idx.copy_(cols)
+    return selections
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter's update into its base weight and put plain ``nn.Linear`` layers back.
+    The model must hold full (unsharded) weights; distributed export merges per layer instead."""
+    for name, layer in adapter_layers(model).items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=layer.weight.dtype)
+        linear.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        linear.requires_grad_(False)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, linear)
+    return model

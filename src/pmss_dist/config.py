@@ -1,0 +1,210 @@
+"""Typed run configuration: a YAML file (safe loader) plus ``key=value`` overrides.
+
+Every key is checked against the dataclasses below before any work starts; an unknown key, a
+value of the wrong type or an impossible value stops the run with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pmss_dist.adapters import ADAPTER_KINDS, TARGET_ALIASES
+
+DTYPES = ("float32", "bfloat16", "float16")
+AC_MODES = ("none", "full", "selective")
+SELECTION_METHODS = ("deim", "qdeim", "leverage", "norm", "random")
+SVD_MODES = ("auto", "exact", "randomized")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:tiny"  # an HF checkpoint directory, or builtin:tiny
+    dtype: str = "bfloat16"  # frozen weights and compute; adapter weights are always fp32
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "pmss"  # pmss | lora
+    targets: list[str] = field(default_factory=lambda: list(TARGET_ALIASES))
+    rank: int = 16  # PMSS: k (skeleton size, core is k x k); LoRA: r
+    alpha: float = 16.0  # update scale s = alpha / rank
+    method: str = "deim"  # PMSS skeleton selection
+    svd: str = "auto"  # exact | randomized | auto (by matrix size)
+    selection_file: str | None = None  # reuse a saved selection (refused if made for another base)
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:arithmetic"
+    num_samples: int = 4096  # size of the built-in task
+    seq_len: int = 32
+    batch_size: int = 32  # global batch, in sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per forward on one rank
+    train_on_prompt: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class ParallelConfig:
+    compile: bool = False
+    activation_checkpointing: str = "none"  # none | full | selective
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny"
+    max_steps: int = 200
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. max_steps=5, adapter.rank=8)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = _build(TrainConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    tree[leaf] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys here: {sorted(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", kind, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, kind, value):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        return _coerce(key, kind, value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no model and no process group (those follow at start-up)."""
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("adapter.kind", cfg.adapter.kind, ADAPTER_KINDS)
+    _choice("adapter.method", cfg.adapter.method, SELECTION_METHODS)
+    _choice("adapter.svd", cfg.adapter.svd, SVD_MODES)
+    _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, AC_MODES)
+    for t in cfg.adapter.targets:
+        _choice("adapter.targets", t, TARGET_ALIASES)
+    positive = {"max_steps": cfg.max_steps, "adapter.rank": cfg.adapter.rank, "data.seq_len": cfg.data.seq_len,
+                "data.batch_size": cfg.data.batch_size, "data.micro_batch_size": cfg.data.micro_batch_size,
+                "data.num_samples": cfg.data.num_samples, "log.log_every": cfg.log.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    if cfg.data.batch_size % cfg.data.micro_batch_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                          f"data.micro_batch_size={cfg.data.micro_batch_size}")
+
+
+def check_world_size(cfg: TrainConfig, world_size: int) -> int:
+    """Gradient-accumulation steps for this world size, or a ConfigError naming the keys."""
+    per_step = cfg.data.micro_batch_size * world_size
+    if cfg.data.batch_size % per_step:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by data.micro_batch_size "
+                          f"({cfg.data.micro_batch_size}) x world size ({world_size}); change one of them")
+    return cfg.data.batch_size // per_step
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

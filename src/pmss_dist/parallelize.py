@@ -1,0 +1,84 @@
+"""Activation checkpointing, torch.compile and FSDP2, applied per transformer block in the one
+order that composes: AC wraps the block, the wrapped block is compiled in place, then sharded.
+
+Frozen base weights are sharded by ``fully_shard`` (one group per block, plus the root). The
+adapters' trainable tensors are passed as ``ignored_params``: every rank keeps a full fp32 copy
+and `all_reduce_grads` sums their gradients. That is one collective of a few MB per step, and
+it keeps cores replicated rather than split unevenly on dim 0 as FSDP2 would do with them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+# Selective AC keeps the outputs of the expensive ops and recomputes the cheap elementwise ones
+# (norms, activations, RoPE): most of full AC's memory saving for a fraction of its recompute.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _wrap_ac(block: nn.Module, mode: str) -> nn.Module:
+    if mode == "full":
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False)
+    if mode == "selective":
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False,
+                                  context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+    return block
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype, compile: bool,
+                activation_checkpointing: str, reshard_after_forward: bool) -> nn.Module:
+    """Shard ``model`` (a torchtune ``TransformerDecoder``, on meta or real weights) in place."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    for i, block in enumerate(model.layers):
+        # A block with nothing to train has no backward through its weights: AC would only
+        # add recompute (and trips a compile+AC bug on fully frozen blocks, see FIELD-NOTES).
+        if any(p.requires_grad for p in block.parameters()):
+            block = _wrap_ac(block, activation_checkpointing)
+        if compile:
+            block.compile(fullgraph=True)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                    ignored_params=trainable & set(block.parameters()))
+        model.layers[i] = block
+    # The root group holds embeddings, final norm and output: gathered for the first and last
+    # use of the step, so keep them gathered (no reshard) between forward and backward.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False,
+                ignored_params=trainable)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def all_reduce_grads(params: list[nn.Parameter], group=None) -> None:
+    """Sum the replicated adapters' gradients over ranks in one flat collective. The loss is
+    already divided by the global token count, so the sum is the global batch's gradient."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()

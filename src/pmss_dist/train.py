@@ -1,0 +1,178 @@
+"""The training job: build on meta, shard, load the base, select skeletons, train, save.
+
+One code path for 1..N processes on CPU (gloo) and GPU (NCCL). The loss of a step is the summed
+token cross-entropy of the *global* batch divided by its token count, so losses and updates do
+not depend on the world size or the accumulation split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchtune.training import set_default_dtype
+
+from pmss_dist import data as data_lib
+from pmss_dist.adapter_io import save_adapter
+from pmss_dist.adapters import AdapterSpec, PMSSLinear, adapter_layers, apply_adapters, assign_skeletons, reset_adapters
+from pmss_dist.builtin import write_tiny_checkpoint
+from pmss_dist.config import TrainConfig, check_world_size, to_dict
+from pmss_dist.dist_env import DistEnv, init_distributed, shutdown
+from pmss_dist.files import atomic_write
+from pmss_dist.hf_checkpoint import load_hf_weights, read_hf_config
+from pmss_dist.metrics import MetricsLogger, peak_flops, peak_memory_gib, peft_flops_per_token
+from pmss_dist.models import build_model, init_rope_caches
+from pmss_dist.parallelize import all_reduce_grads, parallelize, trainable_parameters
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_base_dir(cfg: TrainConfig, env: DistEnv) -> Path:
+    if cfg.model.path != BUILTIN_TINY:
+        return Path(cfg.model.path)
+    base = Path(cfg.output_dir) / "base_model"
+    if env.is_main:
+        write_tiny_checkpoint(base, seed=0)
+    dist.barrier()
+    return base
+
+
+def lr_lambda(cfg: TrainConfig):
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _flops_per_token(model, hf_config: dict, seq_len: int) -> float:
+    frozen = adapter = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and not p.requires_grad and "tok_embeddings" not in name:
+            frozen += p.numel()
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, PMSSLinear):  # row proj reuses the base output: core + column skeleton
+            adapter += 2 * (layer.rank * layer.rank + layer.rank * layer.out_features)
+        else:
+            adapter += 2 * layer.rank * (layer.in_features + layer.out_features)
+    return peft_flops_per_token(frozen, adapter, hf_config["num_hidden_layers"], hf_config["hidden_size"], seq_len)
+
+
+def train(cfg: TrainConfig) -> dict:
+    env = init_distributed()
+    try:
+        return _train(cfg, env)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> dict:
+    grad_accum = check_world_size(cfg, env.world_size)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base_dir = resolve_base_dir(cfg, env)
+    hf_config = read_hf_config(base_dir)
+    dtype = getattr(torch, cfg.model.dtype)
+
+    # Build without memory, swap in adapters, shard, then materialise shard by shard.
+    with torch.device("meta"), set_default_dtype(dtype):
+        model = build_model(hf_config, max_seq_len=cfg.data.seq_len)
+    counts = apply_adapters(model, AdapterSpec(cfg.adapter.kind, tuple(cfg.adapter.targets),
+                                               cfg.adapter.rank, cfg.adapter.alpha))
+    parallelize(model, env.mesh, param_dtype=dtype, compile=cfg.parallel.compile,
+                activation_checkpointing=cfg.parallel.activation_checkpointing,
+                reshard_after_forward=cfg.parallel.reshard_after_forward)
+    model.to_empty(device=env.device)
+    init_rope_caches(model, env.device)
+    load_hf_weights(model, base_dir, hf_config)
+    reset_adapters(model, cfg.seed)
+    if cfg.adapter.kind == "pmss":
+        assign_skeletons(model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd, progress=env.is_main)
+
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    tokenizer = data_lib.load_tokenizer(base_dir)
+    dataset = data_lib.build_dataset(cfg.data, tokenizer, seed=cfg.seed)
+    sampler = data_lib.GlobalBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed)
+
+    logger = MetricsLogger(out, env.is_main, cfg.log.tensorboard)
+    flops_per_token = _flops_per_token(model, hf_config, cfg.data.seq_len)
+    peak = peak_flops(env.device)
+    losses: list[float] = []
+    tokens_seen = 0
+    t_last = time.perf_counter()
+    model.train()
+    for step in range(1, cfg.max_steps + 1):
+        micro = data_lib.rank_micro_batches(sampler.next_batch(), env.rank, env.world_size,
+                                            cfg.data.micro_batch_size)
+        batches = [data_lib.collate([dataset[i] for i in mb], cfg.data.seq_len, tokenizer.pad_id) for mb in micro]
+        assert len(batches) == grad_accum
+        counts_t = torch.tensor([sum(int((b["labels"] != data_lib.IGNORE_INDEX).sum()) for b in batches),
+                                 sum(b["tokens"].numel() for b in batches)], device=env.device, dtype=torch.float64)
+        dist.all_reduce(counts_t)
+        global_targets, global_tokens = counts_t.tolist()
+        loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
+        for batch in batches:
+            logits = model(batch["tokens"].to(env.device))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(env.device).flatten(),
+                                   ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+            (loss / global_targets).backward()
+            loss_sum += loss.detach()
+        all_reduce_grads(params)
+        dist.all_reduce(loss_sum)
+        step_loss = loss_sum.item() / global_targets
+        if not math.isfinite(step_loss):
+            raise NonFiniteLossError(f"loss is {step_loss} at step {step}: stopping before the optimizer "
+                                     "step; lower optim.lr or check the data. No checkpoint was overwritten.")
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0
+                     else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(step_loss)
+        tokens_seen += int(global_tokens)
+
+        if step % cfg.log.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            steps_done = cfg.log.log_every if step % cfg.log.log_every == 0 else step % cfg.log.log_every
+            tps = steps_done * global_tokens / (now - t_last)
+            t_last = now
+            scalars = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
+                       "perf/tokens_per_s_per_device": tps / env.world_size}
+            if peak:
+                scalars["perf/mfu"] = tps / env.world_size * flops_per_token / peak
+            mem = peak_memory_gib(env.device)
+            if mem is not None:
+                scalars["perf/peak_memory_gib"] = mem
+            logger.log(step, cfg.max_steps, scalars)
+    logger.close()
+
+    summary = {"initial_loss": losses[0], "final_loss": losses[-1], "losses": losses, "steps": len(losses),
+               "trainable_params": counts["trainable"], "total_params": counts["total"],
+               "world_size": env.world_size, "tokens_seen": tokens_seen, "adapter": cfg.adapter.kind}
+    if env.is_main:
+        meta = {"kind": cfg.adapter.kind, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
+                "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(base_dir)}
+        save_adapter(model, out / "adapter", meta)
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(to_dict(cfg), indent=2)))
+        atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+    dist.barrier()
+    return summary
