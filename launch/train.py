@@ -4,10 +4,11 @@
 """
 
 import argparse
+import os
 import sys
 
 from pmss_dist.config import ConfigError, load_config
-from pmss_dist.train import train
+from pmss_dist.train import EXIT_REQUEUE, train
 
 
 def main(argv=None) -> int:
@@ -22,8 +23,11 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     summary = train(cfg)
-    print(f"done: {summary['steps']} steps, loss {summary['initial_loss']:.4f} -> {summary['final_loss']:.4f}, "
-          f"output in {cfg.output_dir}", file=sys.stderr)
+    if not summary["completed"]:
+        return EXIT_REQUEUE  # stopped by SIGTERM/SIGUSR1 after saving: resume=auto continues
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {summary['steps']} steps, loss {summary['initial_loss']:.4f} -> "
+              f"{summary['final_loss']:.4f}; results in {cfg.output_dir}/summary.json", file=sys.stderr)
     return 0
 
 

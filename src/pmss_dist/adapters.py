@@ -37,6 +37,10 @@ TARGET_ALIASES = {
 ADAPTER_KINDS = ("pmss", "lora")
 
 
+def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 class PMSSLinear(nn.Module):
     """A frozen linear layer plus the PMSS update ``s·C·U·R`` with a trainable ``k × k`` core."""
 
@@ -70,9 +74,10 @@ class PMSSLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """``s·C·U·R`` in fp32, the exact update that `merge` folds into the weight."""
-        w = self.weight.float()
-        return self.scale * (w[:, self.col_idx] @ self.core.float() @ w[self.row_idx, :])
+        """``s·C·U·R`` in fp32 (or the weight's dtype if wider), the update `merge` folds in."""
+        dtype = _merge_dtype(self.weight)
+        w = self.weight.to(dtype)
+        return self.scale * (w[:, self.col_idx] @ self.core.to(dtype) @ w[self.row_idx, :])
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, k={self.rank}, scale={self.scale:g}"
@@ -109,7 +114,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.lora_b.float() @ self.lora_a.float())
+        dtype = _merge_dtype(self.weight)
+        return self.scale * (self.lora_b.to(dtype) @ self.lora_a.to(dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, scale={self.scale:g}"
@@ -227,7 +233,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, layer in adapter_layers(model).items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device=layer.weight.device, dtype=layer.weight.dtype)
-        linear.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
+        linear.weight.copy_((layer.weight.to(_merge_dtype(layer.weight)) + layer.delta_weight()).to(layer.weight.dtype))
         if layer.bias is not None:
             linear.bias.copy_(layer.bias)
         linear.requires_grad_(False)

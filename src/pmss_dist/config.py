@@ -78,6 +78,14 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end (and when SIGTERM/SIGUSR1 asks to stop)
+    keep_last: int = 2
+    resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | a checkpoint dir
+    async_save: bool = False  # overlap writing with the next steps (pays off for large adapters)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/tiny"
     max_steps: int = 200
@@ -88,6 +96,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -188,6 +197,9 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1, got "
+                          f"{cfg.checkpoint.every_steps} and {cfg.checkpoint.keep_last}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:

@@ -61,6 +61,7 @@ def build_model(hf_config: dict, max_seq_len: int | None = None) -> TransformerD
     if family == "llama":
         model = llama3(**common, rope_base=rope_base)
         if c.get("tie_word_embeddings", False):
+            del model.output  # a registered nn.Linear; TiedLinear is a plain callable
             model.output = TiedLinear(model.tok_embeddings)
     elif family == "mistral":
         model = mistral(**common, rope_base=rope_base)

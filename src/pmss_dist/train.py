@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchtune.training import set_default_dtype
 
+from pmss_dist import checkpoint as ckpt
 from pmss_dist import data as data_lib
 from pmss_dist.adapter_io import save_adapter
 from pmss_dist.adapters import AdapterSpec, PMSSLinear, adapter_layers, apply_adapters, assign_skeletons, reset_adapters
@@ -32,8 +35,37 @@ from pmss_dist.parallelize import all_reduce_grads, parallelize, trainable_param
 BUILTIN_TINY = "builtin:tiny"
 
 
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
+# launch/slurm requeues the job on it.
+EXIT_REQUEUE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 (SLURM's warning before the time limit, or preemption) so the
+    current step finishes and every rank saves, instead of dying mid-step."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0 if none): all ranks stop at the same step."""
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def resolve_base_dir(cfg: TrainConfig, env: DistEnv) -> Path:
@@ -73,19 +105,56 @@ def _flops_per_token(model, hf_config: dict, seq_len: int) -> float:
 
 def train(cfg: TrainConfig) -> dict:
     env = init_distributed()
+    stop = StopRequest()
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, stop)
     finally:
+        stop.restore()
         shutdown()
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> dict:
+def _select_or_load_skeletons(model, cfg: TrainConfig, env: DistEnv, fingerprint: str, out: Path) -> None:
+    """Skeleton indices come from ``adapter.selection_file`` when it exists (refused if made for
+    another base or config), else are computed and written to ``<output_dir>/selection.json``."""
+    from pmss_dist.selection import load_selection, save_selection
+
+    layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, PMSSLinear)}
+    key = dict(method=cfg.adapter.method, rank=cfg.adapter.rank, seed=cfg.seed, base_fingerprint=fingerprint)
+    given = Path(cfg.adapter.selection_file) if cfg.adapter.selection_file else None
+    selections = None
+    if given is not None and given.is_file():
+        shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+        selections = load_selection(given, shapes=shapes, **key)
+        if env.is_main:
+            print(f"reusing skeleton selection from {given}", file=sys.stderr, flush=True)
+    selections = assign_skeletons(model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
+                                  selections=selections, progress=env.is_main)
+    if env.is_main:
+        save_selection(out / "selection.json", selections, **key)
+        if given is not None and not given.is_file():
+            given.parent.mkdir(parents=True, exist_ok=True)
+            save_selection(given, selections, **key)
+    dist.barrier()
+
+
+def _resume_path(cfg: TrainConfig, manager: ckpt.CheckpointManager) -> Path | None:
+    if cfg.checkpoint.resume == "none":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return manager.newest_valid()
+    path = Path(cfg.checkpoint.resume)
+    ckpt.verify(path)  # an explicitly named checkpoint must be whole: no silent fallback
+    return path
+
+
+def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> dict:
     grad_accum = check_world_size(cfg, env.world_size)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = resolve_base_dir(cfg, env)
     hf_config = read_hf_config(base_dir)
+    fingerprint = ckpt.base_fingerprint(base_dir)
     dtype = getattr(torch, cfg.model.dtype)
 
     # Build without memory, swap in adapters, shard, then materialise shard by shard.
@@ -100,26 +169,48 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     init_rope_caches(model, env.device)
     load_hf_weights(model, base_dir, hf_config)
     reset_adapters(model, cfg.seed)
-    if cfg.adapter.kind == "pmss":
-        assign_skeletons(model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd, progress=env.is_main)
 
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
     tokenizer = data_lib.load_tokenizer(base_dir)
     dataset = data_lib.build_dataset(cfg.data, tokenizer, seed=cfg.seed)
     sampler = data_lib.GlobalBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed)
 
+    manager = ckpt.CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, env.rank,
+                                     cfg.checkpoint.async_save)
+    manager.clean_partials()
+    resume_from = _resume_path(cfg, manager)
+    start_step, losses = 0, []
+    if resume_from is not None:
+        # Indices, cores and optimizer state all come from the checkpoint: no selection to redo.
+        extra = ckpt.load(resume_from, model, optimizer)
+        if extra["base_fingerprint"] != fingerprint:
+            raise ckpt.CheckpointError(f"{resume_from} was trained on a base with fingerprint "
+                                       f"{extra['base_fingerprint']}, {base_dir} has {fingerprint}: "
+                                       "point model.path at the original base or set checkpoint.resume=none")
+        scheduler.load_state_dict(extra["scheduler"])
+        sampler.load_state_dict(extra["sampler"])
+        start_step, losses = extra["step"], extra["losses"]
+        if env.is_main:
+            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr, flush=True)
+    elif cfg.adapter.kind == "pmss":
+        _select_or_load_skeletons(model, cfg, env, fingerprint, out)
+
+    def save(step: int) -> None:
+        extra = {"step": step, "losses": losses, "scheduler": scheduler.state_dict(),
+                 "sampler": sampler.state_dict(), "base_fingerprint": fingerprint}
+        manager.save(step, model, optimizer, extra)
+
     logger = MetricsLogger(out, env.is_main, cfg.log.tensorboard)
     flops_per_token = _flops_per_token(model, hf_config, cfg.data.seq_len)
     peak = peak_flops(env.device)
-    losses: list[float] = []
     tokens_seen = 0
-    t_last = time.perf_counter()
+    t_last, steps_since_log = time.perf_counter(), 0
+    stopped_by = 0
     model.train()
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(start_step + 1, cfg.max_steps + 1):
         micro = data_lib.rank_micro_batches(sampler.next_batch(), env.rank, env.world_size,
                                             cfg.data.micro_batch_size)
         batches = [data_lib.collate([dataset[i] for i in mb], cfg.data.seq_len, tokenizer.pad_id) for mb in micro]
@@ -139,8 +230,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         dist.all_reduce(loss_sum)
         step_loss = loss_sum.item() / global_targets
         if not math.isfinite(step_loss):
-            raise NonFiniteLossError(f"loss is {step_loss} at step {step}: stopping before the optimizer "
-                                     "step; lower optim.lr or check the data. No checkpoint was overwritten.")
+            raise NonFiniteLossError(f"loss is {step_loss} at step {step}: stopped before the optimizer step, "
+                                     "the last checkpoint is untouched; lower optim.lr or check the data")
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0
                      else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
         optimizer.step()
@@ -148,12 +239,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         scheduler.step()
         losses.append(step_loss)
         tokens_seen += int(global_tokens)
+        steps_since_log += 1
 
         if step % cfg.log.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
-            steps_done = cfg.log.log_every if step % cfg.log.log_every == 0 else step % cfg.log.log_every
-            tps = steps_done * global_tokens / (now - t_last)
-            t_last = now
+            tps = steps_since_log * global_tokens / (now - t_last)
+            t_last, steps_since_log = now, 0
             scalars = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
                        "perf/tokens_per_s_per_device": tps / env.world_size}
@@ -163,14 +254,24 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             if mem is not None:
                 scalars["perf/peak_memory_gib"] = mem
             logger.log(step, cfg.max_steps, scalars)
+        stopped_by = stop.agreed(env.device)
+        every = cfg.checkpoint.every_steps
+        if stopped_by or step == cfg.max_steps or (every and step % every == 0):
+            save(step)
+        if stopped_by:
+            break
+    manager.finish_pending()
     logger.close()
 
-    summary = {"initial_loss": losses[0], "final_loss": losses[-1], "losses": losses, "steps": len(losses),
+    summary = {"initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+               "losses": losses, "steps": len(losses), "completed": not stopped_by,
+               "stopped_by_signal": signal.Signals(stopped_by).name if stopped_by else None,
                "trainable_params": counts["trainable"], "total_params": counts["total"],
-               "world_size": env.world_size, "tokens_seen": tokens_seen, "adapter": cfg.adapter.kind}
+               "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind}
     if env.is_main:
         meta = {"kind": cfg.adapter.kind, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
-                "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(base_dir)}
+                "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(base_dir),
+                "base_fingerprint": fingerprint}
         save_adapter(model, out / "adapter", meta)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(to_dict(cfg), indent=2)))
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
