@@ -180,10 +180,14 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, int]:
     return count_parameters(model)
 
 
+def plain_name(name: str) -> str:
+    """A module/parameter name without the prefixes that compile and AC wrappers insert."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     """Adapter layers by fully qualified name, in module order (the same on every rank)."""
-    return {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): m
-            for name, m in model.named_modules() if isinstance(m, (PMSSLinear, LoRALinear))}
+    return {plain_name(name): m for name, m in model.named_modules() if isinstance(m, (PMSSLinear, LoRALinear))}
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

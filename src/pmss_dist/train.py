@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -103,14 +104,40 @@ def _flops_per_token(model, hf_config: dict, seq_len: int) -> float:
     return peft_flops_per_token(frozen, adapter, hf_config["num_hidden_layers"], hf_config["hidden_size"], seq_len)
 
 
+@dataclass
+class Run:
+    """Everything a training run holds once it is set up (``setup``) and ready to ``fit``."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    model: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: data_lib.GlobalBatchSampler
+    dataset: list
+    tokenizer: object
+    manager: ckpt.CheckpointManager
+    base_dir: Path
+    hf_config: dict
+    fingerprint: str
+    counts: dict
+    grad_accum: int
+    start_step: int = 0
+    losses: list = field(default_factory=list)
+
+
 def train(cfg: TrainConfig) -> dict:
     env = init_distributed()
     stop = StopRequest()
     try:
-        return _train(cfg, env, stop)
+        summary = fit(setup(cfg, env), stop)
     finally:
         stop.restore()
-        shutdown()
+    # Only a run that ended normally meets its peers at the exit barrier; a failing rank exits
+    # at once and torchrun stops the others, rather than all waiting on each other.
+    shutdown()
+    return summary
 
 
 def _select_or_load_skeletons(model, cfg: TrainConfig, env: DistEnv, fingerprint: str, out: Path) -> None:
@@ -147,7 +174,8 @@ def _resume_path(cfg: TrainConfig, manager: ckpt.CheckpointManager) -> Path | No
     return path
 
 
-def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> dict:
+def setup(cfg: TrainConfig, env: DistEnv) -> Run:
+    """Build on meta, shard, load the base shard by shard, then resume or select skeletons."""
     grad_accum = check_world_size(cfg, env.world_size)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -157,7 +185,6 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> dict:
     fingerprint = ckpt.base_fingerprint(base_dir)
     dtype = getattr(torch, cfg.model.dtype)
 
-    # Build without memory, swap in adapters, shard, then materialise shard by shard.
     with torch.device("meta"), set_default_dtype(dtype):
         model = build_model(hf_config, max_seq_len=cfg.data.seq_len)
     counts = apply_adapters(model, AdapterSpec(cfg.adapter.kind, tuple(cfg.adapter.targets),
@@ -177,12 +204,13 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> dict:
     tokenizer = data_lib.load_tokenizer(base_dir)
     dataset = data_lib.build_dataset(cfg.data, tokenizer, seed=cfg.seed)
     sampler = data_lib.GlobalBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed)
-
     manager = ckpt.CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, env.rank,
                                      cfg.checkpoint.async_save)
+    run = Run(cfg, env, model, params, optimizer, scheduler, sampler, dataset, tokenizer, manager,
+              base_dir, hf_config, fingerprint, counts, grad_accum)
+
     manager.clean_partials()
     resume_from = _resume_path(cfg, manager)
-    start_step, losses = 0, []
     if resume_from is not None:
         # Indices, cores and optimizer state all come from the checkpoint: no selection to redo.
         extra = ckpt.load(resume_from, model, optimizer)
@@ -192,61 +220,77 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> dict:
                                        "point model.path at the original base or set checkpoint.resume=none")
         scheduler.load_state_dict(extra["scheduler"])
         sampler.load_state_dict(extra["sampler"])
-        start_step, losses = extra["step"], extra["losses"]
+        run.start_step, run.losses = extra["step"], extra["losses"]
         if env.is_main:
-            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr, flush=True)
+            print(f"resumed from {resume_from} at step {run.start_step}", file=sys.stderr, flush=True)
     elif cfg.adapter.kind == "pmss":
         _select_or_load_skeletons(model, cfg, env, fingerprint, out)
+    return run
 
-    def save(step: int) -> None:
-        extra = {"step": step, "losses": losses, "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict(), "base_fingerprint": fingerprint}
-        manager.save(step, model, optimizer, extra)
 
+def train_step(run: Run) -> tuple[float, float, float]:
+    """One optimizer step on the next global batch; returns (loss, grad norm, global tokens)."""
+    cfg, env = run.cfg, run.env
+    micro = data_lib.rank_micro_batches(run.sampler.next_batch(), env.rank, env.world_size,
+                                        cfg.data.micro_batch_size)
+    batches = [data_lib.collate([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
+               for mb in micro]
+    assert len(batches) == run.grad_accum
+    counts = torch.tensor([sum(int((b["labels"] != data_lib.IGNORE_INDEX).sum()) for b in batches),
+                           sum(b["tokens"].numel() for b in batches)], device=env.device, dtype=torch.float64)
+    dist.all_reduce(counts)
+    global_targets, global_tokens = counts.tolist()
+    loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
+    for batch in batches:
+        logits = run.model(batch["tokens"].to(env.device))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(env.device).flatten(),
+                               ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+        (loss / global_targets).backward()
+        loss_sum += loss.detach()
+    all_reduce_grads(run.params)
+    dist.all_reduce(loss_sum)
+    step_loss = loss_sum.item() / global_targets
+    if not math.isfinite(step_loss):
+        raise NonFiniteLossError(f"loss is {step_loss} at step {run.sampler.step}: stopped before the optimizer "
+                                 "step, the last checkpoint is untouched; lower optim.lr or check the data")
+    if cfg.optim.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in run.params]))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return step_loss, float(grad_norm), global_tokens
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    extra = {"step": step, "losses": run.losses, "scheduler": run.scheduler.state_dict(),
+             "sampler": run.sampler.state_dict(), "base_fingerprint": run.fingerprint}
+    run.manager.save(step, run.model, run.optimizer, extra)
+
+
+def fit(run: Run, stop: StopRequest) -> dict:
+    """Train from ``run.start_step`` to ``max_steps`` (or until a stop signal), checkpointing on the
+    way; rank 0 then writes the adapter, the resolved config and ``summary.json``."""
+    cfg, env = run.cfg, run.env
+    out = Path(cfg.output_dir)
     logger = MetricsLogger(out, env.is_main, cfg.log.tensorboard)
-    flops_per_token = _flops_per_token(model, hf_config, cfg.data.seq_len)
+    flops_per_token = _flops_per_token(run.model, run.hf_config, cfg.data.seq_len)
     peak = peak_flops(env.device)
-    tokens_seen = 0
+    tokens_seen, stopped_by = 0, 0
     t_last, steps_since_log = time.perf_counter(), 0
-    stopped_by = 0
-    model.train()
-    for step in range(start_step + 1, cfg.max_steps + 1):
-        micro = data_lib.rank_micro_batches(sampler.next_batch(), env.rank, env.world_size,
-                                            cfg.data.micro_batch_size)
-        batches = [data_lib.collate([dataset[i] for i in mb], cfg.data.seq_len, tokenizer.pad_id) for mb in micro]
-        assert len(batches) == grad_accum
-        counts_t = torch.tensor([sum(int((b["labels"] != data_lib.IGNORE_INDEX).sum()) for b in batches),
-                                 sum(b["tokens"].numel() for b in batches)], device=env.device, dtype=torch.float64)
-        dist.all_reduce(counts_t)
-        global_targets, global_tokens = counts_t.tolist()
-        loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
-        for batch in batches:
-            logits = model(batch["tokens"].to(env.device))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(env.device).flatten(),
-                                   ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
-            (loss / global_targets).backward()
-            loss_sum += loss.detach()
-        all_reduce_grads(params)
-        dist.all_reduce(loss_sum)
-        step_loss = loss_sum.item() / global_targets
-        if not math.isfinite(step_loss):
-            raise NonFiniteLossError(f"loss is {step_loss} at step {step}: stopped before the optimizer step, "
-                                     "the last checkpoint is untouched; lower optim.lr or check the data")
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0
-                     else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        losses.append(step_loss)
+    run.model.train()
+    for step in range(run.start_step + 1, cfg.max_steps + 1):
+        step_loss, grad_norm, global_tokens = train_step(run)
+        run.losses.append(step_loss)
         tokens_seen += int(global_tokens)
         steps_since_log += 1
-
         if step % cfg.log.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
             tps = steps_since_log * global_tokens / (now - t_last)
             t_last, steps_since_log = now, 0
-            scalars = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": float(grad_norm), "perf/tokens_per_s": tps,
+            scalars = {"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0],
+                       "train/grad_norm": grad_norm, "perf/tokens_per_s": tps,
                        "perf/tokens_per_s_per_device": tps / env.world_size}
             if peak:
                 scalars["perf/mfu"] = tps / env.world_size * flops_per_token / peak
@@ -257,22 +301,23 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> dict:
         stopped_by = stop.agreed(env.device)
         every = cfg.checkpoint.every_steps
         if stopped_by or step == cfg.max_steps or (every and step % every == 0):
-            save(step)
+            save_checkpoint(run, step)
         if stopped_by:
             break
-    manager.finish_pending()
+    run.manager.finish_pending()
     logger.close()
 
+    losses = run.losses
     summary = {"initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
                "losses": losses, "steps": len(losses), "completed": not stopped_by,
                "stopped_by_signal": signal.Signals(stopped_by).name if stopped_by else None,
-               "trainable_params": counts["trainable"], "total_params": counts["total"],
+               "trainable_params": run.counts["trainable"], "total_params": run.counts["total"],
                "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind}
     if env.is_main:
         meta = {"kind": cfg.adapter.kind, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
-                "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(base_dir),
-                "base_fingerprint": fingerprint}
-        save_adapter(model, out / "adapter", meta)
+                "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(run.base_dir),
+                "base_fingerprint": run.fingerprint}
+        save_adapter(run.model, out / "adapter", meta)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(to_dict(cfg), indent=2)))
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     dist.barrier()

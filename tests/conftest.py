@@ -1,0 +1,56 @@
+"""Shared helpers: launching real torchrun jobs of the trainer on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+# Small enough to run many times in CI: 8 steps of the built-in task, fp32 for exact parity.
+FAST = ["max_steps=8", "log.log_every=4", "data.num_samples=256", "data.batch_size=16",
+        "data.micro_batch_size=4", "adapter.rank=8", "adapter.alpha=8.0", "model.dtype=float32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, script: Path = TRAIN) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
+
+
+def job_env(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def job_cmd(nproc: int, overrides: list[str], script: Path = TRAIN) -> list[str]:
+    return torchrun_cmd(nproc, script) + ["--config", str(TINY_CONFIG), *overrides]
+
+
+def run_job(nproc: int, overrides: list[str], script: Path = TRAIN, timeout: float = 300,
+            check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    cmd = job_cmd(nproc, overrides, script)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(**env), cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def summary(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")

@@ -1,0 +1,63 @@
+"""A torchrun worker for tests: trains like launch/train.py, then records what each rank holds
+(trainable tensors, frozen shard bytes, whether frozen shards changed) in rank<N>.safetensors.
+
+Fault injection for tests only: PMSS_TEST_HANG_SAVE_AT_STEP=N makes the save of step N hang after
+its files are written and before it is published, so a test can kill the job mid-save."""
+
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from pmss_dist.adapters import plain_name
+from pmss_dist.config import load_config
+from pmss_dist.dist_env import init_distributed, shutdown
+from pmss_dist.train import StopRequest, fit, setup
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    return (p.to_local() if isinstance(p, DTensor) else p).detach()
+
+
+def _hang_save_at(step: int) -> None:
+    from pmss_dist import checkpoint
+
+    publish = checkpoint.CheckpointManager._publish
+
+    def hanging_publish(self, partial, final, extra):
+        if extra["step"] == step:
+            print(f"hanging in save of step {step}", file=sys.stderr, flush=True)
+            time.sleep(600)
+        publish(self, partial, final, extra)
+
+    checkpoint.CheckpointManager._publish = hanging_publish
+
+
+def main() -> None:
+    if "PMSS_TEST_HANG_SAVE_AT_STEP" in os.environ:
+        _hang_save_at(int(os.environ["PMSS_TEST_HANG_SAVE_AT_STEP"]))
+    args = sys.argv[1:]
+    config = args[args.index("--config") + 1]
+    overrides = [a for a in args if "=" in a]
+    cfg = load_config(config, overrides)
+    env = init_distributed()
+    run = setup(cfg, env)
+    frozen_before = {n: local(p).clone() for n, p in run.model.named_parameters() if not p.requires_grad}
+    fit(run, StopRequest())
+    tensors, frozen_bytes, frozen_changed = {}, 0, 0
+    for name, p in run.model.named_parameters():
+        if p.requires_grad:
+            tensors[plain_name(name)] = local(p).contiguous()
+        else:
+            frozen_bytes += local(p).numel() * local(p).element_size()
+            frozen_changed += int(not torch.equal(local(p), frozen_before[name]))
+    save_file(tensors, f"{cfg.output_dir}/rank{env.rank}.safetensors",
+              metadata={"frozen_bytes": str(frozen_bytes), "frozen_changed": str(frozen_changed)})
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
