@@ -39,14 +39,23 @@ def head_dim(hf_config: dict) -> int:
     return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
 
 
+def rope_theta(hf_config: dict) -> float:
+    """The RoPE base. transformers < 5 writes ``rope_theta``/``rope_scaling`` at the top level;
+    5.x nests both in ``rope_parameters`` (``rope_type`` "default" meaning no scaling)."""
+    params = hf_config.get("rope_parameters") or {}
+    scaling = hf_config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise ValueError(f"config.json sets RoPE scaling {scaling}, which pmss_dist does not "
+                         "support yet; use a checkpoint without RoPE scaling")
+    return float(hf_config.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
 def build_model(hf_config: dict, max_seq_len: int | None = None) -> TransformerDecoder:
     """Build the torchtune decoder that an HF ``config.json`` describes (on the current default
     device: use ``torch.device("meta")`` as a context to build without memory)."""
     family = model_family(hf_config)
     c = hf_config
-    if c.get("rope_scaling"):
-        raise ValueError(f"config.json sets rope_scaling={c['rope_scaling']}, which pmss_dist does not "
-                         "support yet; use a checkpoint without RoPE scaling")
+    rope_base = rope_theta(c)
     common = dict(
         vocab_size=c["vocab_size"],
         num_layers=c["num_hidden_layers"],
@@ -57,7 +66,6 @@ def build_model(hf_config: dict, max_seq_len: int | None = None) -> TransformerD
         intermediate_dim=c["intermediate_size"],
         norm_eps=c.get("rms_norm_eps", 1e-5),
     )
-    rope_base = c.get("rope_theta", 10000.0)
     if family == "llama":
         model = llama3(**common, rope_base=rope_base)
         if c.get("tie_word_embeddings", False):

@@ -1,0 +1,277 @@
+"""Hugging Face checkpoints out: the base with the adapter folded in, or the adapter as PEFT LoRA.
+
+Merged export streams from the base files and needs nothing else: PMSS's ``C = W[:, J]`` and
+``R = W[I, :]`` are slices of the base weight itself, so ``W' = W + s·C·U·R`` is computed from
+the base tensor and the saved core and indices. Shapes and dtypes do not change, so every output
+file is a byte copy of its base file with the adapted tensors overwritten in place: file names,
+safetensors headers and the index stay the base's, tensors not adapted stay byte-identical, and
+peak memory is one weight matrix (in fp32 while it is merged) whatever the model size. Files can
+be divided among ranks (``rank``/``world_size``).
+
+Layouts. Indices and factors are saved in torchtune's layout, whose q/k rows are a permutation of
+HF's (``perm[t]`` = HF row of torchtune row ``t``). Columns are not permuted, so in HF layout
+``C = W_hf[:, J]`` and ``R = W_hf[perm[I], :]``: the update needs no permuting back at all. A
+LoRA ``B`` has its rows in torchtune order: row ``t`` goes to HF row ``perm[t]``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pmss_dist.adapter_io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
+from pmss_dist.adapters import TARGET_ALIASES
+from pmss_dist.checkpoint import base_fingerprint
+from pmss_dist.files import atomic_write
+from pmss_dist.hf_checkpoint import (INDEX_FILE, copy_side_files, open_safetensors, permutation_for,
+                                     read_hf_config, row_permutations, tune_key_to_hf, weight_files)
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+# Adapter files of either format. None may sit beside merged weights: transformers (with peft
+# installed) applies an adapter_config.json it finds in a model directory, on top of the merge.
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META, PEFT_CONFIG, PEFT_WEIGHTS)
+_ADAPTER_TENSORS = {"pmss": ("core", "row_idx", "col_idx"), "lora": ("lora_a", "lora_b")}
+_PROJECTIONS = set(TARGET_ALIASES.values())
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """One adapted weight: where it lives in the HF checkpoint and what its update is."""
+
+    name: str  # torchtune layer, e.g. layers.0.attn.q_proj
+    hf_key: str  # e.g. model.layers.0.self_attn.q_proj.weight
+    kind: str
+    rank: int
+    scale: float
+    tensors: dict[str, torch.Tensor]
+    perm: torch.Tensor | None  # q/k rows: torchtune row t is HF row perm[t]
+
+    def check_shape(self, shape: tuple[int, ...], where: Path) -> None:
+        """Refuse an adapter that cannot belong to a weight of this ``shape`` (another base)."""
+        if len(shape) != 2:
+            raise ExportError(f"{where}: {self.hf_key} has shape {shape}, not a matrix")
+        d_out, d_in = shape
+        t, k = self.tensors, self.rank
+        if self.kind == "pmss":
+            ok = (t["core"].shape == (k, k) and t["row_idx"].shape == (k,) and t["col_idx"].shape == (k,)
+                  and t["row_idx"].dtype == t["col_idx"].dtype == torch.int64
+                  and 0 <= int(t["row_idx"].min()) and int(t["row_idx"].max()) < d_out
+                  and 0 <= int(t["col_idx"].min()) and int(t["col_idx"].max()) < d_in)
+        else:
+            ok = t["lora_a"].shape == (k, d_in) and t["lora_b"].shape == (d_out, k)
+        if not ok:
+            shapes = {name: tuple(v.shape) for name, v in t.items()}
+            raise ExportError(f"adapter layer {self.name} ({shapes}, rank {k}) does not fit {self.hf_key} "
+                              f"{shape} in {where}: the adapter was trained on another base model")
+
+    def factors(self, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` in HF layout with ``update = scale · left @ right``: PMSS ``(C·U, R)``
+        from the base ``weight``, LoRA ``(B, A)`` (``weight`` only sets the dtype); in fp32, or
+        wider if the weight is."""
+        dtype = torch.float32 if weight is None else torch.promote_types(weight.dtype, torch.float32)
+        t = self.tensors
+        if self.kind == "pmss":
+            w = weight.to(dtype)
+            rows = t["row_idx"] if self.perm is None else self.perm[t["row_idx"]]
+            return w[:, t["col_idx"]] @ t["core"].to(dtype), w[rows, :]
+        b = t["lora_b"].to(dtype)
+        if self.perm is not None:
+            b = torch.empty_like(b).index_copy_(0, self.perm, b)  # HF row perm[t] <- torchtune row t
+        return b, t["lora_a"].to(dtype)
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + s·left·right`` in the weight's dtype (computed in fp32, as `merge_adapters` does)."""
+        left, right = self.factors(weight)
+        return (weight.to(left.dtype) + self.scale * (left @ right)).to(weight.dtype)
+
+
+def _progress(enabled: bool, line: str) -> None:
+    if enabled:
+        print(line, file=sys.stderr, flush=True)
+
+
+def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, LayerUpdate]]:
+    """The adapter's metadata and ``{HF weight key: LayerUpdate}``. Every tensor of the adapter
+    must map to an HF weight: an unknown tensor or layer is an error, never dropped."""
+    state, meta = read_adapter(adapter_dir)
+    where = adapter_dir / ADAPTER_WEIGHTS
+    kind = meta.get("kind")
+    if kind not in _ADAPTER_TENSORS:
+        raise ExportError(f"{adapter_dir / ADAPTER_META}: unknown adapter kind {kind!r}; "
+                          f"expected one of {sorted(_ADAPTER_TENSORS)}")
+    try:
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+        if rank <= 0:
+            raise ValueError(f"rank {rank} is not positive")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"{adapter_dir / ADAPTER_META}: needs numeric 'rank' and 'alpha' ({err})") from err
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        layer, _, attr = key.rpartition(".")
+        if attr not in _ADAPTER_TENSORS[kind] or layer.rpartition(".")[2] not in _PROJECTIONS:
+            raise ExportError(f"{where}: tensor {key!r} is not part of a {kind} adapter on a projection "
+                              f"({', '.join(sorted(_PROJECTIONS))}); refusing to export without it")
+        layers.setdefault(layer, {})[attr] = value
+    if not layers:
+        raise ExportError(f"{where} holds no adapter tensors")
+    perms = row_permutations(hf_config)
+    updates = {}
+    for layer, tensors in layers.items():
+        missing = set(_ADAPTER_TENSORS[kind]) - set(tensors)
+        if missing:
+            raise ExportError(f"{where}: layer {layer} lacks {sorted(missing)}")
+        try:
+            hf_key = tune_key_to_hf(f"{layer}.weight")
+        except KeyError as err:
+            raise ExportError(f"{where}: layer {layer} has no Hugging Face name; refusing to drop it") from err
+        updates[hf_key] = LayerUpdate(layer, hf_key, kind, rank, alpha / rank, tensors,
+                                      permutation_for(f"{layer}.weight", perms))
+    return {**meta, "rank": rank, "alpha": alpha}, updates
+
+
+def _load(adapter_dir, base_dir, check_base: bool):
+    """Parse and validate everything before a byte is written: config, adapter, that the adapter
+    belongs to this base, and that every adapted weight exists with a fitting shape."""
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+    hf_config = read_hf_config(base_dir)
+    meta, updates = read_updates(adapter_dir, hf_config)
+    recorded = meta.get("base_fingerprint")
+    if check_base and recorded and recorded != base_fingerprint(base_dir):
+        raise ExportError(f"{adapter_dir} was trained on a base with fingerprint {recorded}, {base_dir} has "
+                          f"{base_fingerprint(base_dir)}: pass the original base (or skip this check if the "
+                          "base was only re-saved, e.g. in another dtype)")
+    files = weight_files(base_dir)
+    for hf_key, update in updates.items():
+        if hf_key not in files:
+            raise ExportError(f"{base_dir} has no tensor {hf_key} for adapter layer {update.name}")
+        with open_safetensors(files[hf_key]) as f:
+            update.check_shape(tuple(f.get_slice(hf_key).get_shape()), files[hf_key])
+    return meta, updates, files
+
+
+def _check_out_dir(out_dir: Path, *inputs: Path) -> None:
+    for path in inputs:
+        if out_dir.resolve() == path.resolve():
+            raise ExportError(f"output directory {out_dir} is also an input ({path}); choose a new directory")
+
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte range of each tensor's data (the file was validated by ``safe_open``)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    start = 8 + header_len
+    return {key: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for key, v in header.items() if key != "__metadata__"}
+
+
+def _write_merged_file(src: Path, dst: Path, updates: list[LayerUpdate]) -> None:
+    """``dst`` = ``src`` with each update's tensor replaced by its merged value, byte for byte
+    elsewhere; one tensor in memory at a time. Written under a temporary name, then renamed."""
+    if sys.byteorder != "little":
+        raise ExportError("safetensors data is little-endian; in-place merge needs a little-endian host")
+
+    def write(tmp: str) -> None:
+        shutil.copyfile(src, tmp)
+        if not updates:
+            return
+        offsets = _safetensors_offsets(src)
+        with open_safetensors(src) as f, open(tmp, "r+b") as out:
+            for update in updates:
+                merged = update.merged(f.get_tensor(update.hf_key)).contiguous()
+                start, end = offsets[update.hf_key]
+                data = merged.view(torch.uint8).numpy()
+                assert data.nbytes == end - start, f"{update.hf_key}: merged size differs from the base's"
+                out.seek(start)
+                out.write(data.tobytes())
+
+    atomic_write(dst, write)
+
+
+def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                  *, rank: int = 0, world_size: int = 1, check_base: bool = True) -> Path:
+    """Write ``base_dir`` with the adapter of ``adapter_dir`` folded in to ``out_dir``: same weight
+    files, index, dtypes and key names as the base, config and tokenizer files copied, no adapter
+    files. With ``world_size > 1`` each rank writes every ``world_size``-th weight file and rank 0
+    the side files; call it on every rank, then barrier."""
+    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
+    _check_out_dir(out_dir, base_dir, adapter_dir)
+    _, updates, files = _load(adapter_dir, base_dir, check_base)
+    paths = sorted(set(files.values()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ours = {p.name for p in paths}
+    for entry in out_dir.iterdir():
+        if entry.name in ADAPTER_FILES:
+            raise ExportError(f"{entry} exists: adapter files beside merged weights get applied twice "
+                              "by transformers; use a directory without them")
+        if entry.name.endswith(".safetensors") and entry.name not in ours:
+            raise ExportError(f"{entry} is not a file of {base_dir} (left from another export?); "
+                              "use an empty directory")
+    by_file: dict[Path, list[LayerUpdate]] = {}
+    for hf_key, update in updates.items():
+        by_file.setdefault(files[hf_key], []).append(update)
+    mine = paths[rank::world_size]
+    for i, path in enumerate(mine, 1):
+        _write_merged_file(path, out_dir / path.name, by_file.get(path, []))
+        _progress(progress, f"export_merged: [{i}/{len(mine)}] {path.name}: "
+                            f"{len(by_file.get(path, []))} adapted weight(s) merged")
+    if rank == 0:
+        copied = copy_side_files(base_dir, out_dir)
+        _progress(progress, f"export_merged: {len(updates)} weights merged into {out_dir} "
+                            f"(copied {', '.join(copied)})")
+    return out_dir
+
+
+def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = False,
+                *, check_base: bool = True) -> Path:
+    """Write the adapter's update as a standard PEFT LoRA (``adapter_config.json`` +
+    ``adapter_model.safetensors``, fp32, HF layout) that ``PeftModel.from_pretrained(base, out_dir)``
+    loads. PMSS: rank k, ``lora_A = R``, ``lora_B = s·C·U``, ``lora_alpha = r = k`` (PEFT's scale 1).
+    LoRA: ``lora_A = A``, ``lora_B = B``, its own ``r`` and ``lora_alpha``."""
+    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
+    _check_out_dir(out_dir, base_dir, adapter_dir)
+    meta, updates, files = _load(adapter_dir, base_dir, check_base)
+    if out_dir.is_dir():
+        clash = [p.name for p in out_dir.iterdir()
+                 if p.name in ("config.json", INDEX_FILE) or (p.suffix == ".safetensors" and p.name != PEFT_WEIGHTS)]
+        if clash:
+            raise ExportError(f"{out_dir} holds model files {clash}: keep the PEFT adapter in its own "
+                              "directory, or transformers applies it to the weights found there")
+    tensors = {}
+    for i, (hf_key, update) in enumerate(sorted(updates.items()), 1):
+        if update.kind == "pmss":
+            with open_safetensors(files[hf_key]) as f:
+                left, right = update.factors(f.get_tensor(hf_key))
+            left = update.scale * left  # PEFT's own scale is 1 (alpha = r)
+        else:
+            left, right = update.factors(None)  # PEFT applies alpha / r itself
+        module = hf_key.removesuffix(".weight")
+        tensors[f"base_model.model.{module}.lora_A.weight"] = right.float().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = left.float().contiguous()
+        _progress(progress and i % 16 == 0, f"export_peft: {i}/{len(updates)} layers")
+    rank = meta["rank"]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir.resolve()),
+        "r": rank, "lora_alpha": rank if meta["kind"] == "pmss" else meta["alpha"],
+        "target_modules": sorted({key.split(".")[-2] for key in updates}),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "revision": None,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out_dir / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    _progress(progress, f"export_peft: {len(updates)} layers as PEFT LoRA (r={rank}) in {out_dir}")
+    return out_dir

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Check PEFT adapters exported by pmss_dist with stock peft + transformers, in their own venv.
+
+    python tests/peft_check.py --base BASE_DIR --adapter PEFT_DIR --expected EXPECTED.safetensors \\
+        [--adapter PEFT_DIR2 --expected EXPECTED2.safetensors ...] [--atol 1e-5]
+
+peft refuses the torchao release torchtune needs, so this script imports neither torchtune nor
+pmss_dist: tests/test_hf_export.py writes the files and runs it with the interpreter named by
+PMSS_PEFT_PYTHON (a venv with torch, transformers, peft, safetensors). EXPECTED holds ``tokens``
+and the ``logits`` our adapted model gave. For each adapter: every tensor in the file must be
+loaded into the PEFT model as it is, and the logits of the PEFT model, unmerged and after
+``merge_and_unload``, must equal the expected ones. Exit status 0 only if all hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+
+def check(base: str, adapter: str, expected_file: str, atol: float) -> None:
+    expected = load_file(expected_file)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, adapter).eval()
+    saved = load_file(f"{adapter}/adapter_model.safetensors")
+    loaded = {f"base_model.model.{k.removeprefix('base_model.model.')}": v
+              for k, v in get_peft_model_state_dict(peft_model).items()}
+    if set(saved) != set(loaded):
+        raise AssertionError(f"{adapter}: peft loaded {sorted(set(loaded) ^ set(saved))[:4]} differently")
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key].float(), value.float(), rtol=0, atol=0, msg=key)
+    with torch.no_grad():
+        logits = peft_model(expected["tokens"]).logits.float()
+        torch.testing.assert_close(logits, expected["logits"], rtol=atol, atol=atol, msg=f"{adapter} unmerged")
+        merged = peft_model.merge_and_unload()
+        logits = merged(expected["tokens"]).logits.float()
+        torch.testing.assert_close(logits, expected["logits"], rtol=atol, atol=atol, msg=f"{adapter} merged")
+    print(f"ok: {adapter} ({len(saved) // 2} LoRA layers)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="base HF checkpoint directory")
+    parser.add_argument("--adapter", required=True, action="append", help="PEFT adapter directory (repeatable)")
+    parser.add_argument("--expected", required=True, action="append",
+                        help=".safetensors with 'tokens' and 'logits', one per --adapter")
+    parser.add_argument("--atol", type=float, default=1e-5)
+    args = parser.parse_args(argv)
+    if len(args.adapter) != len(args.expected):
+        parser.error("give one --expected per --adapter")
+    for adapter, expected in zip(args.adapter, args.expected):
+        check(args.base, adapter, expected, args.atol)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

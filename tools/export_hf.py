@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Export a trained adapter as a Hugging Face checkpoint (merged) or as a PEFT LoRA adapter.
+
+    python tools/export_hf.py --run runs/tiny --out exports/tiny-merged
+    python tools/export_hf.py --run runs/tiny --out exports/tiny-peft --peft
+    python tools/export_hf.py --adapter runs/tiny/adapter --base ckpt/llama --out exports/merged
+
+Merged: the base checkpoint with W + s·C·U·R (or W + s·B·A) folded into every adapted weight,
+in the base's file layout, index and dtypes, config and tokenizer files copied. Streams one
+tensor at a time from the base files. PEFT: adapter_config.json + adapter_model.safetensors
+for ``PeftModel.from_pretrained(base, out)``; keep it in its own directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+try:
+    from pmss_dist.hf_export import export_merged, export_peft
+except ImportError:  # running from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from pmss_dist.hf_export import export_merged, export_peft
+
+BUILTIN_TINY = "builtin:tiny"  # train.py writes that base to <run>/base_model
+
+
+def run_inputs(run_dir: Path) -> tuple[Path, Path]:
+    """``(adapter_dir, base_dir)`` of a finished training run."""
+    config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
+    for path in (config_path, adapter_dir):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: --run must be a finished run's output_dir "
+                                    "(training writes adapter/ and config.json at the end)")
+    try:
+        model_path = json.loads(config_path.read_text())["model"]["path"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path} has no model.path: not a pmss_dist run config ({err})") from err
+    base_dir = run_dir / "base_model" if model_path == BUILTIN_TINY else Path(model_path)
+    return adapter_dir, base_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Export a pmss_dist adapter (PMSS or LoRA) as a merged Hugging Face checkpoint, "
+                    "or with --peft as a PEFT LoRA adapter.",
+        epilog="Either --run, or both --adapter and --base. Any adapter tensor that cannot be mapped "
+               "onto an HF weight stops the export; nothing is dropped.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a finished run's output_dir (reads adapter/ and config.json)")
+    source.add_argument("--adapter", type=Path, help="adapter directory (adapter.safetensors + adapter.json)")
+    parser.add_argument("--base", type=Path, help="base HF checkpoint directory (with --adapter)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter instead of merged weights")
+    parser.add_argument("--skip-base-check", action="store_true",
+                        help="merge even if the base's fingerprint differs from the one the adapter was "
+                             "trained on (e.g. the base was re-saved in another dtype)")
+    args = parser.parse_args(argv)
+    if args.adapter is not None and args.base is None:
+        parser.error("--adapter needs --base")
+    if args.run is not None and args.base is not None:
+        parser.error("--base goes with --adapter; a run names its own base")
+
+    start = time.perf_counter()
+    try:
+        adapter_dir, base_dir = run_inputs(args.run) if args.run else (args.adapter, args.base)
+        print(f"adapter {adapter_dir}, base {base_dir}", file=sys.stderr, flush=True)
+        if args.peft:
+            export_peft(adapter_dir, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+        else:
+            export_merged(adapter_dir, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done in {time.perf_counter() - start:.1f}s: {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
