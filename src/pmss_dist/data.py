@@ -1,58 +1,109 @@
-"""Tokenizers, datasets and the global-batch sampler.
+"""Samples, batches and the global-batch sampler.
 
 A sample is ``{"tokens": [...], "labels": [...]}`` with ``labels[t]`` the target of position ``t``
-(``IGNORE_INDEX`` where no loss is taken). The sampler fixes the order of samples in every
-*global* batch from the seed alone, and each rank takes its contiguous share: the samples of a
-step, and so the loss, do not depend on the number of processes or the accumulation split.
+(``IGNORE_INDEX`` where no loss is taken); a packed sample adds ``seq_lens`` (its documents'
+lengths) and its batch then carries ``mask`` [b, s, s] and ``input_pos`` [b, s]. The sampler fixes
+the order of samples in every *global* batch from the seed alone, and each rank takes its
+contiguous share: the samples of a step, and so the loss, do not depend on the number of
+processes or the accumulation split.
+
+Every source goes through one path: rows (files, or the built-in arithmetic task as question/
+answer rows in memory) -> examples (``datasets``) -> token ids with the loss on responses only
+(unless ``train_on_prompt``) -> optional packing (``packing``).
 """
 
 from __future__ import annotations
 
-import json
 import random
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from pmss_dist.builtin import BYTE_TOKENIZER_FILE
+from pmss_dist import datasets
+from pmss_dist.packing import document_mask_and_positions, pack_samples
+# ByteTokenizer and load_tokenizer keep their old home here: train.py and tools import them from data.
+from pmss_dist.tokenizers import ByteTokenizer, TokenizerError, load_tokenizer, render_chat  # noqa: F401
 
 IGNORE_INDEX = -100
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+# The built-in task's rows are "23+45=" -> "68": the question is the whole prompt.
+ARITHMETIC_TEMPLATE = "{question}"
+ARITHMETIC_EVAL_SIZE = 512
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255 plus BOS/EOS/PAD: the built-in model's tokenizer."""
-
-    def __init__(self, bos_id: int, eos_id: int, pad_id: int):
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
-        ids = list(text.encode("utf-8"))
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-def load_tokenizer(ckpt_dir: str | Path):
-    ckpt_dir = Path(ckpt_dir)
-    byte_file = ckpt_dir / BYTE_TOKENIZER_FILE
-    if byte_file.is_file():
-        spec = json.loads(byte_file.read_text())
-        return ByteTokenizer(spec["bos_id"], spec["eos_id"], spec["pad_id"])
-    raise FileNotFoundError(f"no tokenizer found in {ckpt_dir} (looked for {BYTE_TOKENIZER_FILE})")
+def _shift(tokens: list[int], trained: list[bool]) -> list[int]:
+    """Labels from tokens: position t predicts token t+1 where that token is trained."""
+    return [tokens[t + 1] if trained[t + 1] else IGNORE_INDEX for t in range(len(tokens) - 1)] + [IGNORE_INDEX]
 
 
 def tokenize_pair(tokenizer, prompt: str, response: str, train_on_prompt: bool = False) -> dict:
-    """BOS + prompt + response + EOS, with the loss on the response (and EOS) only by default."""
+    """BOS + prompt + response + EOS, with the loss on the response (and EOS) only by default.
+    The prompt is tokenised alone, as it will be at inference; the response as its continuation."""
     prompt_ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
-    response_ids = tokenizer.encode(response, add_bos=False, add_eos=True)
+    response_ids = tokenizer.encode_continuation(response) + [tokenizer.eos_id]
     tokens = prompt_ids + response_ids
-    targets = tokens[1:] + [IGNORE_INDEX]
-    n_masked = 0 if train_on_prompt else len(prompt_ids) - 1
-    labels = [IGNORE_INDEX] * n_masked + targets[n_masked:]
-    return {"tokens": tokens, "labels": labels}
+    trained = [train_on_prompt] * len(prompt_ids) + [True] * len(response_ids)
+    return {"tokens": tokens, "labels": _shift(tokens, trained)}
+
+
+def tokenize_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> dict:
+    """A conversation through the tokenizer's chat template, with the loss on assistant turns
+    (their text and end-of-turn marker) only by default.
+
+    The template is rendered for growing prefixes of the conversation: the text an assistant turn
+    adds is what ``render(messages[:i+1])`` has beyond ``render(messages[:i], generation prompt)``.
+    Templates that rewrite earlier turns (some drop past reasoning) break this and are refused."""
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        after = render_chat(tokenizer, messages[:i + 1])
+        if not before.startswith(done) or not after.startswith(before):
+            raise TokenizerError("the chat template does not render this conversation as growing prefixes "
+                                 "(it rewrites earlier turns), so assistant turns cannot be located")
+        segments += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    rest = render_chat(tokenizer, messages)[len(done):]
+    segments.append((rest, False))
+    tokens: list[int] = []
+    trained: list[bool] = []
+    for text, is_response in segments:
+        ids = tokenizer.encode_rendered(text, continuation=bool(tokens)) if text else []
+        tokens += ids
+        trained += [is_response or train_on_prompt] * len(ids)
+    bos = tokenizer.encode("", add_bos=True, add_eos=False)
+    if bos and tokens[:len(bos)] != bos:  # a template without {{ bos_token }} for a family that uses it
+        tokens, trained = bos + tokens, [train_on_prompt] * len(bos) + trained
+    return {"tokens": tokens, "labels": _shift(tokens, trained)}
+
+
+def tokenize_example(tokenizer, example: dict, train_on_prompt: bool = False) -> dict:
+    if "messages" in example:
+        return tokenize_chat(tokenizer, example["messages"], train_on_prompt)
+    return tokenize_pair(tokenizer, example["prompt"], example["response"], train_on_prompt)
+
+
+def prompt_tokens(tokenizer, example: dict) -> list[int]:
+    """What the model is given at inference for ``example``: the prompt as training tokenised it,
+    or the conversation before its last assistant turn plus the template's generation prompt."""
+    if "messages" not in example:
+        return tokenizer.encode(example["prompt"], add_bos=True, add_eos=False)
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids = tokenizer.encode_rendered(render_chat(tokenizer, messages[:last], add_generation_prompt=True))
+    bos = tokenizer.encode("", add_bos=True, add_eos=False)
+    return ids if not bos or ids[:len(bos)] == bos else bos + ids
+
+
+def reference_response(example: dict) -> str:
+    """The response an example trains on (the last assistant turn of a conversation)."""
+    if "messages" not in example:
+        return example["response"]
+    return [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"]
 
 
 def arithmetic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -65,11 +116,33 @@ def arithmetic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def arithmetic_rows(n: int, seed: int, held_out: bool = False) -> list[dict]:
+    """The built-in task as question/answer rows. ``held_out``: ``n`` distinct problems that the
+    training rows of the same seed (``n`` of them: pass the training size) never contain."""
+    if not held_out:
+        return [{"question": q, "answer": a} for q, a in arithmetic_pairs(n, seed)]
+    seen = {q for q, _ in arithmetic_pairs(n, seed)}
+    rng, rows = random.Random(f"arithmetic/held-out/{seed}"), []
+    while len(rows) < min(ARITHMETIC_EVAL_SIZE, 10_000 - len(seen)):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if f"{a}+{b}=" not in seen:
+            seen.add(f"{a}+{b}=")
+            rows.append({"question": f"{a}+{b}=", "answer": str(a + b)})
+    return rows
+
+
+def arithmetic_examples(rows: list[dict], prompt_template: str | None = None) -> list[dict]:
+    """Built-in rows through the same question/answer formatting as files."""
+    return [{**datasets.to_example(r, "qa", {}, prompt_template or ARITHMETIC_TEMPLATE, False),
+             "where": f"{BUILTIN_ARITHMETIC}:{i + 1}"} for i, r in enumerate(rows)]
+
+
 @dataclass
 class GlobalBatchSampler:
     """Yields, for each step, the dataset indices of the global batch, from a per-epoch seeded
-    permutation. Its whole state is ``step``: resuming at step ``s`` yields what an uninterrupted
-    run would have."""
+    permutation. Its position is ``step``: resuming at step ``s`` yields what an uninterrupted
+    run would have. The state also records what the order was made from, so a resume on other
+    data or another batch size is refused instead of silently seeing different batches."""
 
     num_samples: int
     global_batch: int
@@ -95,9 +168,15 @@ class GlobalBatchSampler:
         return self._perm[pos * self.global_batch:(pos + 1) * self.global_batch]
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "num_samples": self.num_samples, "global_batch": self.global_batch,
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        for key in ("num_samples", "global_batch", "seed"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(f"the checkpoint's data order was made with {key}={state[key]}, this run has "
+                                 f"{getattr(self, key)}: resuming would not continue the same batches "
+                                 "(use the original data and data.batch_size, or checkpoint.resume=none)")
         self.step = int(state["step"])
 
 
@@ -110,19 +189,88 @@ def rank_micro_batches(global_indices: list[int], rank: int, world_size: int,
 
 
 def collate(samples: list[dict], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (or truncate) to ``seq_len``; padding takes no loss."""
+    """Right-pad (or truncate) to ``seq_len``; padding takes no loss. Packed samples (with
+    ``seq_lens``) also get their per-document ``mask`` and restarting ``input_pos``."""
     tokens = torch.full((len(samples), seq_len), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), seq_len), IGNORE_INDEX, dtype=torch.long)
     for i, s in enumerate(samples):
         n = min(len(s["tokens"]), seq_len)
         tokens[i, :n] = torch.tensor(s["tokens"][:n])
         labels[i, :n] = torch.tensor(s["labels"][:n])
-    return {"tokens": tokens, "labels": labels}
+    batch = {"tokens": tokens, "labels": labels}
+    if any("seq_lens" in s for s in samples):
+        masks, positions = zip(*(document_mask_and_positions(s.get("seq_lens", [min(len(s["tokens"]), seq_len)]),
+                                                             seq_len) for s in samples))
+        batch["mask"], batch["input_pos"] = torch.stack(masks), torch.stack(positions)
+    return batch
+
+
+def _report(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"data: {message}", file=sys.stderr, flush=True)
+
+
+def _examples(source: str, data_cfg, seed: int, held_out: bool, bad: datasets.BadRows) -> list[dict]:
+    if source == BUILTIN_ARITHMETIC:
+        rows = arithmetic_rows(data_cfg.num_samples, seed, held_out=held_out)
+        bad.total += len(rows)
+        return arithmetic_examples(rows, data_cfg.prompt_template)
+    if source.startswith("builtin:"):
+        raise datasets.DataError(f"unknown built-in data source {source!r}; the built-in one is {BUILTIN_ARITHMETIC!r}")
+    return datasets.load_examples(source, data_cfg.format, data_cfg.columns, data_cfg.prompt_template,
+                                  data_cfg.use_chat_template, bad)
+
+
+def _tokenized(source: str, data_cfg, tokenizer, seed: int, held_out: bool) -> list[dict]:
+    bad = datasets.BadRows(data_cfg.on_bad_row)
+    samples = []
+    for example in _examples(source, data_cfg, seed, held_out, bad):
+        try:
+            samples.append(tokenize_example(tokenizer, example, data_cfg.train_on_prompt))
+        except TokenizerError as err:
+            bad.bad(example["where"], str(err))
+    if not samples:
+        raise datasets.DataError(f"no usable rows in {source} ({bad.summary()})")
+    if bad.skipped:
+        _report(f"{source}: {bad.summary()}")
+    too_long = [s for s in samples if len(s["tokens"]) > data_cfg.seq_len]
+    if too_long:
+        lost = sum(all(x == IGNORE_INDEX for x in s["labels"][:data_cfg.seq_len]) for s in too_long)
+        _report(f"{source}: {len(too_long)} of {len(samples)} samples are longer than data.seq_len="
+                f"{data_cfg.seq_len} and are cut ({lost} lose every trained token); raise data.seq_len")
+    return samples
 
 
 def build_dataset(data_cfg, tokenizer, seed: int) -> list[dict]:
-    """The training samples that ``data_cfg`` (a ``config.DataConfig``) names, tokenised."""
-    if data_cfg.source != BUILTIN_ARITHMETIC:
-        raise ValueError(f"data.source={data_cfg.source!r}: only {BUILTIN_ARITHMETIC!r} is available")
-    pairs = arithmetic_pairs(data_cfg.num_samples, seed=seed)
-    return [tokenize_pair(tokenizer, p, r, data_cfg.train_on_prompt) for p, r in pairs]
+    """The training samples that ``data_cfg`` (a ``config.DataConfig``) names, tokenised, and
+    packed into ``seq_len`` rows when ``data_cfg.packed``."""
+    samples = _tokenized(data_cfg.source, data_cfg, tokenizer, seed, held_out=False)
+    if data_cfg.packed:
+        packs = pack_samples(samples, data_cfg.seq_len, seed)
+        _report(f"packed {len(samples)} samples into {len(packs)} rows of {data_cfg.seq_len} tokens")
+        return packs
+    return samples
+
+
+def build_eval_dataset(data_cfg, tokenizer, seed: int) -> list[dict]:
+    """The held-out samples of ``data_cfg.eval_source`` (``builtin:arithmetic``: problems the
+    training rows never contain), tokenised and not packed."""
+    return _tokenized(data_cfg.eval_source, data_cfg, tokenizer, seed, held_out=True)
+
+
+def eval_micro_batches(samples: list[dict], rank: int, world_size: int, micro_batch_size: int,
+                       seq_len: int, pad_id: int, max_samples: int = 0) -> list[dict]:
+    """This rank's eval batches over the first ``max_samples`` samples (0: all), which are the same
+    at any world size: the set is cut into rounds of ``world_size x micro_batch_size`` samples, each
+    rank its contiguous share of a round. Every rank gets the same number of batches, because
+    sharded models run collectives in every forward; the last round is filled with rows that take
+    no loss."""
+    if max_samples:
+        samples = samples[:max_samples]
+    per_round = world_size * micro_batch_size
+    empty = {"tokens": [pad_id], "labels": [IGNORE_INDEX]}
+    batches = []
+    for start in range(rank * micro_batch_size, -(-len(samples) // per_round) * per_round, per_round):
+        rows = samples[start:start + micro_batch_size]
+        batches.append(collate(rows + [empty] * (micro_batch_size - len(rows)), seq_len, pad_id))
+    return batches

@@ -1,0 +1,340 @@
+"""Rows from local files, checked and turned into examples.
+
+Files: JSON Lines (``.jsonl``; also ``.json`` files that hold one object per line, as
+``datasets.to_json`` writes them), JSON arrays (``.json``), Parquet (``.parquet``, via pyarrow) and
+CSV (``.csv``). A source is one file or a directory of them (sorted by name).
+
+Formats (``data.format``; ``auto`` looks at the first row's columns):
+
+- ``instruction`` (Alpaca): ``instruction``, optional ``input``, ``output``;
+- ``chat``: ``messages``, a list of ``{role, content}`` (roles system/user/assistant; ShareGPT's
+  human/gpt are accepted), at least one assistant turn;
+- ``qa`` (GSM8K): ``question``, ``answer``.
+
+``data.columns`` maps a canonical field to the file's column name (``{question: problem}``).
+An example is ``{"prompt", "response", "where"}`` or ``{"messages", "where"}``; ``where`` is
+``file:line`` (``file:row N`` for Parquet) so every later error can name its row.
+
+A malformed row either stops the load with ``DataError`` naming file and line (``on_bad_row=
+"error"``) or is counted in a ``BadRows`` report and left out (``"skip"``): never silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+FORMATS = ("instruction", "chat", "qa")
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+                "gpt": "assistant", "model": "assistant", "bot": "assistant"}
+
+ALPACA_TEMPLATE = ("Below is an instruction that describes a task, paired with an input that provides further "
+                   "context. Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
+                            "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+QA_TEMPLATE = "Question: {question}\nAnswer:\n"
+
+
+class DataError(ValueError):
+    pass
+
+
+class RowError(ValueError):
+    """What is wrong with one row (the caller adds where it is)."""
+
+
+@dataclass
+class BadRows:
+    """The ``on_bad_row`` policy and its record: ``error`` raises at the first malformed row,
+    ``skip`` counts every one (with the first few locations for the report)."""
+
+    mode: str = "error"
+    total: int = 0  # rows seen, good and bad
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.mode not in ("error", "skip"):
+            raise ValueError(f"on_bad_row={self.mode!r}: choose error or skip")
+
+    def bad(self, where: str, reason: str) -> None:
+        message = f"{where}: {reason}"
+        if self.mode == "error":
+            raise DataError(f"malformed row {message} (data.on_bad_row=skip, or --on-bad-row skip, skips such rows)")
+        self.skipped += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.total} rows, none malformed"
+        return (f"skipped {self.skipped} malformed rows of {self.total}; first: " + "; ".join(self.examples))
+
+
+def source_files(source: str | Path) -> list[Path]:
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{path} holds no {'/'.join(SUFFIXES)} files")
+        return files
+    if not path.is_file():
+        raise DataError(f"data source {source} not found (a file, a directory of files, or builtin:arithmetic)")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {SUFFIXES}")
+    return [path]
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, dict | RowError]]:
+    """``(where, record)`` for every row of ``path``; a row that cannot be read as an object comes
+    back as a ``RowError``. A file that cannot be read at all raises ``DataError``."""
+    if path.suffix == ".parquet":
+        yield from _parquet_records(path)
+    elif path.suffix == ".csv":
+        yield from _csv_records(path)
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        first = text.lstrip()[:1]
+        if path.suffix == ".json" and first == "[":
+            yield from _json_array_records(path, text)
+        else:
+            yield from _jsonl_records(path, text)
+
+
+def _jsonl_records(path: Path, text: str):
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield f"{path}:{line_no}", RowError(f"not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        yield f"{path}:{line_no}", record if isinstance(record, dict) else RowError(
+            f"expected a JSON object, got {type(record).__name__}")
+
+
+def _json_array_records(path: Path, text: str):
+    """Elements of a top-level JSON array, each with the line it starts on. A syntax error leaves
+    the rest of the array unreadable, so it stops the load whatever ``on_bad_row`` says."""
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0
+
+    def line_at(index: int) -> int:  # incremental: files can be large
+        nonlocal line, counted
+        line += text.count("\n", counted, index)
+        counted = index
+        return line
+
+    def skip_space(index: int) -> int:
+        while index < len(text) and text[index].isspace():
+            index += 1
+        return index
+
+    pos = skip_space(text.index("[") + 1)
+    while pos < len(text) and text[pos] != "]":
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from err
+        yield f"{path}:{line_at(pos)}", record if isinstance(record, dict) else RowError(
+            f"expected a JSON object, got {type(record).__name__}")
+        pos = skip_space(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_space(pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            raise DataError(f"{path}:{line_at(pos)}: expected ',' or ']' after an array element")
+    if pos >= len(text):
+        raise DataError(f"{path}: the JSON array is not closed")
+
+
+def _parquet_records(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for non-Parquet files
+        raise DataError(f"cannot read {path} as Parquet: {err}") from err
+    row = 0
+    for batch in table.iter_batches():
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path}:row {row}", record
+
+
+def _csv_records(path: Path):
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty CSV file (the first line must name the columns)")
+        start = reader.line_num + 1
+        for record in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            if None in record:
+                yield where, RowError(f"more fields than the {len(reader.fieldnames)} columns of the header")
+            elif any(v is None for v in record.values()):
+                yield where, RowError(f"fewer fields than the {len(reader.fieldnames)} columns of the header")
+            else:
+                yield where, record
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> examples
+# ---------------------------------------------------------------------------------------------
+
+def detect_format(record: dict, columns: dict[str, str]) -> str:
+    for fmt, key in (("chat", "messages"), ("instruction", "instruction"), ("qa", "question")):
+        if columns.get(key, key) in record:
+            return fmt
+    raise DataError(f"cannot tell the format from columns {sorted(record)}: set data.format "
+                    f"(one of {FORMATS}) and data.columns to map the file's columns")
+
+
+def _text(record: dict, name: str, columns: dict[str, str], optional: bool = False) -> str:
+    column = columns.get(name, name)
+    value = record.get(column)
+    if value is None:
+        if optional:
+            return ""
+        raise RowError(f"missing field {column!r}" + (f" (for {name})" if column != name else ""))
+    if not isinstance(value, str):
+        raise RowError(f"field {column!r} must be text, got {type(value).__name__}")
+    if not optional and not value.strip():
+        raise RowError(f"field {column!r} is empty")
+    return value
+
+
+def _messages(record: dict, columns: dict[str, str]) -> list[dict]:
+    column = columns.get("messages", "messages")
+    value = record.get(column)
+    if isinstance(value, str):  # CSV cells can only hold the list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise RowError(f"field {column!r} is text but not a JSON list: {err.msg}") from err
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field {column!r} must be a non-empty list of messages")
+    role_key, content_key = columns.get("role", "role"), columns.get("content", "content")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise RowError(f"message {i} must be an object with {role_key!r} and {content_key!r}")
+        role, content = m[role_key], m[content_key]
+        if role not in ROLE_ALIASES:
+            raise RowError(f"message {i} has role {role!r}; expected one of {sorted(ROLE_ALIASES)}")
+        if not isinstance(content, str):
+            raise RowError(f"message {i} content must be text, got {type(content).__name__}")
+        messages.append({"role": ROLE_ALIASES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("conversation has no assistant message: nothing to learn from")
+    return messages
+
+
+def check_template(template: str, fmt: str) -> None:
+    """A ``data.prompt_template`` must use only the fields the format has."""
+    fields = {"instruction": ("instruction", "input"), "qa": ("question",)}[fmt]
+    try:
+        template.format_map({f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as err:
+        raise DataError(f"data.prompt_template={template!r} does not fit format {fmt!r} (fields "
+                        f"{list(fields)}): {err!r}") from err
+
+
+def to_example(record: dict, fmt: str, columns: dict[str, str], prompt_template: str | None,
+               use_chat_template: bool) -> dict:
+    """One row as a prompt/response pair or a conversation; ``RowError`` if it is malformed."""
+    if fmt == "chat":
+        return {"messages": _messages(record, columns)}
+    if fmt == "instruction":
+        instruction, extra = _text(record, "instruction", columns), _text(record, "input", columns, optional=True)
+        response = _text(record, "output", columns)
+        if use_chat_template:
+            user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+            return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": response}]}
+        template = prompt_template or (ALPACA_TEMPLATE if extra.strip() else ALPACA_NO_INPUT_TEMPLATE)
+        return {"prompt": template.format_map({"instruction": instruction, "input": extra}), "response": response}
+    question, answer = _text(record, "question", columns), _text(record, "answer", columns)
+    if use_chat_template:
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    return {"prompt": (prompt_template or QA_TEMPLATE).format_map({"question": question}), "response": answer}
+
+
+def load_examples(source: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
+                  prompt_template: str | None = None, use_chat_template: bool = False,
+                  bad: BadRows | None = None) -> list[dict]:
+    """Every good row of ``source`` as an example, in file order; malformed rows go to ``bad``."""
+    columns, bad = columns or {}, bad if bad is not None else BadRows()
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"data.format={fmt!r}: choose auto or one of {FORMATS}")
+    examples = []
+    for path in source_files(source):
+        for where, record in iter_records(path):
+            bad.total += 1
+            if isinstance(record, RowError):
+                bad.bad(where, str(record))
+                continue
+            if fmt == "auto":
+                fmt = detect_format(record, columns)
+            if prompt_template is not None and fmt != "chat" and not examples:
+                check_template(prompt_template, fmt)
+            try:
+                examples.append({**to_example(record, fmt, columns, prompt_template, use_chat_template),
+                                 "where": where})
+            except RowError as err:
+                bad.bad(where, str(err))
+    if not examples:
+        raise DataError(f"no usable rows in {source} ({bad.summary()})")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice (evaluation only)
+# ---------------------------------------------------------------------------------------------
+
+def _choice_row(record: dict, columns: dict[str, str]) -> dict:
+    question = _text(record, "question", columns)
+    column = columns.get("choices", "choices")
+    choices = record.get(column)
+    if isinstance(choices, str):  # CSV: the list as JSON text
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError as err:
+            raise RowError(f"field {column!r} is text but not a JSON list: {err.msg}") from err
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise RowError(f"field {column!r} must be a list of at least two non-empty texts")
+    answer_column = columns.get("answer", "answer")
+    answer = record.get(answer_column)
+    if isinstance(answer, str) and answer.strip().isdigit():
+        answer = int(answer)
+    elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().isalpha():
+        answer = ord(answer.strip().upper()) - ord("A")  # "B" -> 1
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise RowError(f"field {answer_column!r} must be the index of the right choice (0..{len(choices) - 1} "
+                       f"or a letter), got {record.get(answer_column)!r}")
+    return {"question": question, "choices": choices, "answer": answer}
+
+
+def load_choice_rows(source: str | Path, columns: dict[str, str] | None = None,
+                     bad: BadRows | None = None) -> list[dict]:
+    """Multiple-choice rows ``{question, choices, answer (index), where}`` from files."""
+    columns, bad = columns or {}, bad if bad is not None else BadRows()
+    rows = []
+    for path in source_files(source):
+        for where, record in iter_records(path):
+            bad.total += 1
+            try:
+                if isinstance(record, RowError):
+                    raise record
+                rows.append({**_choice_row(record, columns), "where": where})
+            except RowError as err:
+                bad.bad(where, str(err))
+    if not rows:
+        raise DataError(f"no usable rows in {source} ({bad.summary()})")
+    return rows
