@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     summary = train(cfg)
     if not summary["completed"]:
         return EXIT_REQUEUE  # stopped by SIGTERM/SIGUSR1 after saving: resume=auto continues
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         print(f"done: {summary['steps']} steps, loss {summary['initial_loss']:.4f} -> "
               f"{summary['final_loss']:.4f}; results in {cfg.output_dir}/summary.json", file=sys.stderr)
     return 0

@@ -17,6 +17,10 @@ import yaml
 from pmss_dist.adapters import ADAPTER_KINDS, TARGET_ALIASES
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "instruction", "chat", "qa")
+BAD_ROW_MODES = ("error", "skip")
+# Canonical row fields that data.columns may rename (chat: role/content inside each message).
+DATA_FIELDS = ("instruction", "input", "output", "messages", "role", "content", "question", "answer")
 AC_MODES = ("none", "full", "selective")
 SELECTION_METHODS = ("deim", "qdeim", "leverage", "norm", "random")
 SVD_MODES = ("auto", "exact", "randomized")
@@ -51,6 +55,17 @@ class DataConfig:
     batch_size: int = 32  # global batch, in sequences per optimizer step
     micro_batch_size: int = 8  # sequences per forward on one rank
     train_on_prompt: bool = False
+    # Files (source: a .json/.jsonl/.parquet/.csv file or a directory of them): row format and
+    # the file's column names for the canonical fields, e.g. {question: problem, answer: solution}.
+    format: str = "auto"  # auto | instruction | chat | qa
+    columns: dict[str, str] = field(default_factory=dict)
+    prompt_template: str | None = None  # None: the format's default (docs/DATA.md)
+    use_chat_template: bool = False  # render instruction/qa rows through the tokenizer's chat template
+    on_bad_row: str = "error"  # error: stop at the first malformed row | skip: count, report, go on
+    packed: bool = False  # pack short samples into seq_len rows with per-document attention
+    eval_source: str | None = None  # held-out data for the eval loss (same formats as source)
+    eval_every: int = 0  # optimizer steps between eval-loss passes; 0: never
+    eval_batches: int = 0  # global batches (data.batch_size samples) per eval pass; 0: the whole eval set
 
 
 @dataclass
@@ -90,6 +105,7 @@ class TrainConfig:
     output_dir: str = "runs/tiny"
     max_steps: int = 200
     seed: int = 0
+    export_merged: bool = True  # write <output_dir>/merged (HF layout, adapter folded in) at the end
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,6 +169,10 @@ def _coerce(key: str, kind, value):
             return None
         (kind,) = [a for a in args if a is not type(None)]
         return _coerce(key, kind, value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(f"{key} (a key)", args[0], k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -204,6 +224,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    _choice("data.format", cfg.data.format, DATA_FORMATS)
+    _choice("data.on_bad_row", cfg.data.on_bad_row, BAD_ROW_MODES)
+    for name in cfg.data.columns:
+        _choice("data.columns", name, DATA_FIELDS)
+    if cfg.data.eval_every < 0 or cfg.data.eval_batches < 0:
+        raise ConfigError("data.eval_every and data.eval_batches must be >= 0, got "
+                          f"{cfg.data.eval_every} and {cfg.data.eval_batches}")
+    if cfg.data.eval_every and not cfg.data.eval_source:
+        raise ConfigError(f"data.eval_every={cfg.data.eval_every} needs data.eval_source (a held-out file, "
+                          "or builtin:arithmetic)")
     if cfg.data.batch_size % cfg.data.micro_batch_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                           f"data.micro_batch_size={cfg.data.micro_batch_size}")

@@ -47,7 +47,8 @@ def init_distributed() -> DistEnv:
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        # Under srun --gpus-per-task each task sees only its own GPU(s).
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -50,7 +50,7 @@ class MetricsLogger:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
         elapsed = time.time() - self._start
-        shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items())
+        shown = " ".join(f"{k.removeprefix('train/').removeprefix('perf/')}={v:.4g}" for k, v in scalars.items())
         print(f"[step {step}/{max_steps} {elapsed:6.1f}s] {shown}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

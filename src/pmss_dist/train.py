@@ -27,8 +27,10 @@ from pmss_dist.adapters import AdapterSpec, PMSSLinear, adapter_layers, apply_ad
 from pmss_dist.builtin import write_tiny_checkpoint
 from pmss_dist.config import TrainConfig, check_world_size, to_dict
 from pmss_dist.dist_env import DistEnv, init_distributed, shutdown
+from pmss_dist.evaluation import evaluate_loss
 from pmss_dist.files import atomic_write
 from pmss_dist.hf_checkpoint import load_hf_weights, read_hf_config
+from pmss_dist.hf_export import export_merged
 from pmss_dist.metrics import MetricsLogger, peak_flops, peak_memory_gib, peft_flops_per_token
 from pmss_dist.models import build_model, init_rope_caches
 from pmss_dist.parallelize import all_reduce_grads, parallelize, trainable_parameters
@@ -125,11 +127,13 @@ class Run:
     grad_accum: int
     start_step: int = 0
     losses: list = field(default_factory=list)
+    eval_batches: list = field(default_factory=list)  # this rank's held-out batches (data.eval_source)
+    eval_losses: list = field(default_factory=list)  # [step, loss] pairs of this run
 
 
 def train(cfg: TrainConfig) -> dict:
+    stop = StopRequest()  # before the slow start-up, so an early SIGUSR1 still ends in a save
     env = init_distributed()
-    stop = StopRequest()
     try:
         summary = fit(setup(cfg, env), stop)
     finally:
@@ -148,19 +152,19 @@ def _select_or_load_skeletons(model, cfg: TrainConfig, env: DistEnv, fingerprint
     layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, PMSSLinear)}
     key = dict(method=cfg.adapter.method, rank=cfg.adapter.rank, seed=cfg.seed, base_fingerprint=fingerprint)
     given = Path(cfg.adapter.selection_file) if cfg.adapter.selection_file else None
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
     selections = None
     if given is not None and given.is_file():
-        shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
         selections = load_selection(given, shapes=shapes, **key)
         if env.is_main:
             print(f"reusing skeleton selection from {given}", file=sys.stderr, flush=True)
     selections = assign_skeletons(model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
                                   selections=selections, progress=env.is_main)
     if env.is_main:
-        save_selection(out / "selection.json", selections, **key)
+        save_selection(out / "selection.json", selections, shapes=shapes, **key)
         if given is not None and not given.is_file():
             given.parent.mkdir(parents=True, exist_ok=True)
-            save_selection(given, selections, **key)
+            save_selection(given, selections, shapes=shapes, **key)
     dist.barrier()
 
 
@@ -208,6 +212,11 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
                                      cfg.checkpoint.async_save)
     run = Run(cfg, env, model, params, optimizer, scheduler, sampler, dataset, tokenizer, manager,
               base_dir, hf_config, fingerprint, counts, grad_accum)
+    if cfg.data.eval_every:
+        eval_set = data_lib.build_eval_dataset(cfg.data, tokenizer, seed=cfg.seed)
+        run.eval_batches = data_lib.eval_micro_batches(
+            eval_set, env.rank, env.world_size, cfg.data.micro_batch_size, cfg.data.seq_len, tokenizer.pad_id,
+            max_samples=cfg.data.eval_batches * cfg.data.batch_size)
 
     manager.clean_partials()
     resume_from = _resume_path(cfg, manager)
@@ -242,7 +251,9 @@ def train_step(run: Run) -> tuple[float, float, float]:
     global_targets, global_tokens = counts.tolist()
     loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
     for batch in batches:
-        logits = run.model(batch["tokens"].to(env.device))
+        # Packed batches carry per-document attention masks and positions that restart at 0.
+        packed = {k: batch[k].to(env.device) for k in ("mask", "input_pos") if k in batch}
+        logits = run.model(batch["tokens"].to(env.device), **packed)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(env.device).flatten(),
                                ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
         (loss / global_targets).backward()
@@ -298,6 +309,10 @@ def fit(run: Run, stop: StopRequest) -> dict:
             if mem is not None:
                 scalars["perf/peak_memory_gib"] = mem
             logger.log(step, cfg.max_steps, scalars)
+        if cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.max_steps):
+            eval_loss = evaluate_loss(run.model, run.eval_batches, env.device)  # collective: every rank
+            run.eval_losses.append([step, eval_loss])
+            logger.log(step, cfg.max_steps, {"eval/loss": eval_loss})
         stopped_by = stop.agreed(env.device)
         every = cfg.checkpoint.every_steps
         if stopped_by or step == cfg.max_steps or (every and step % every == 0):
@@ -312,13 +327,22 @@ def fit(run: Run, stop: StopRequest) -> dict:
                "losses": losses, "steps": len(losses), "completed": not stopped_by,
                "stopped_by_signal": signal.Signals(stopped_by).name if stopped_by else None,
                "trainable_params": run.counts["trainable"], "total_params": run.counts["total"],
-               "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind}
+               "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind,
+               "eval_losses": run.eval_losses}
     if env.is_main:
         meta = {"kind": cfg.adapter.kind, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
                 "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(run.base_dir),
                 "base_fingerprint": run.fingerprint}
         save_adapter(run.model, out / "adapter", meta)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(to_dict(cfg), indent=2)))
+    dist.barrier()
+    if cfg.export_merged and not stopped_by:
+        # The servable result: the base with the adapter folded in, in the base's own file layout.
+        # Each rank writes a share of the weight files, one tensor in memory at a time.
+        export_merged(out / "adapter", run.base_dir, out / "merged", progress=env.is_main,
+                      rank=env.rank, world_size=env.world_size)
+        dist.barrier()
+    if env.is_main:  # written last: its presence means everything above is on disk
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     dist.barrier()
     return summary
