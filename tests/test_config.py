@@ -1,0 +1,57 @@
+"""Config loading: every shipped config validates; overrides are typed; bad input names the key."""
+
+from pathlib import Path
+
+import pytest
+
+from pmss_dist.config import ConfigError, check_world_size, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate_and_take_the_short_run_overrides(path, tmp_path):
+    cfg = load_config(path, ["max_steps=5", f"output_dir={tmp_path}"])
+    assert cfg.max_steps == 5 and cfg.output_dir == str(tmp_path)
+
+
+def test_overrides_are_parsed_by_type():
+    cfg = load_config(None, ["optim.lr=1e-3", "parallel.compile=true", "adapter.targets=[q_proj,v_proj]",
+                             "adapter.alpha=8", "adapter.selection_file=sel.json", "data.columns={question: q}"])
+    assert cfg.optim.lr == 1e-3 and cfg.parallel.compile is True
+    assert cfg.adapter.targets == ["q_proj", "v_proj"] and cfg.adapter.alpha == 8.0
+    assert cfg.adapter.selection_file == "sel.json" and cfg.data.columns == {"question": "q"}
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("adapter.rnk=3", "unknown config key adapter.rnk"),
+    ("lr=3", "unknown config key lr"),
+    ("max_steps=ten", "max_steps must be int"),
+    ("parallel.compile=maybe", "parallel.compile must be bool"),
+    ("adapter.kind=dora", "adapter.kind='dora' is not one of"),
+    ("adapter.method=svd", "adapter.method='svd' is not one of"),
+    ("adapter.targets=[q]", "adapter.targets='q' is not one of"),
+    ("data.batch_size=30", "data.batch_size=30 is not divisible by data.micro_batch_size=8"),
+    ("max_steps", "is not key=value"),
+    ("optim.betas=[0.9]", "optim.betas must have two values"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_world_size_divisibility_names_the_keys():
+    cfg = load_config(None, ["data.batch_size=16", "data.micro_batch_size=4"])
+    assert check_world_size(cfg, 2) == 2
+    with pytest.raises(ConfigError, match=r"data.batch_size=16 is not divisible .* world size \(3\)"):
+        check_world_size(cfg, 3)
+
+
+def test_missing_config_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
