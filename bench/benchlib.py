@@ -1,0 +1,231 @@
+"""Shared pieces of the training benchmarks: the models and data every trainer gets, launching a
+worker under torchrun, and reading back its step times and peak memory.
+
+Every trainer sees the same thing: an HF Llama checkpoint written by
+``pmss_dist.builtin.write_tiny_checkpoint``, a SentencePiece ``tokenizer.model`` trained on the
+benchmark's own text, and an Alpaca-style JSON file whose every row is longer than ``seq_len``
+tokens. Each trainer cuts rows to ``seq_len``, so every step processes exactly
+``batch x seq_len`` tokens with no padding, whichever trainer runs it.
+
+Step times come from a global optimizer post-step hook installed in every worker
+(`record_worker`): the same mechanism for every trainer, on every rank, stamping the wall-clock
+and process CPU time after each optimizer step. tokens/s = batch x seq_len / median step time over
+the measured steps; tokens per CPU-second uses the CPU time of a step summed over ranks, which other
+jobs on a shared machine do not inflate the way they inflate wall time. Time to first step is from
+launching the command to the end of step 1 (imports, model build, weight loading, skeleton
+selection and compilation included). Peak memory is each rank's peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss``), taken in the worker when it exits: process memory, file
+pages of memory-mapped checkpoint reads included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+
+# Llama-shaped models written with write_tiny_checkpoint(dir, seed, **overrides).
+MODELS = {
+    # The built-in model: 4 layers, dim 128, GQA 4/2 heads, vocab 320 (~0.9M parameters).
+    "tiny": {},
+    # ~100M class: dim 768, 12 layers, 12 heads (MHA), MLP 2048, Llama-2's 32000 vocabulary:
+    # 85M in the blocks + 49M in embeddings and output = 134M parameters.
+    "100m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
+             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+}
+# Shapes of one step per model: (seq_len, global batch in sequences).
+SHAPES = {"tiny": (64, 16), "100m": (128, 4)}
+SPM_VOCAB = 256  # < every model's vocab_size, so token ids fit either model
+
+
+@dataclass
+class RunResult:
+    name: str
+    step_times: list[float]  # wall seconds of steps 2, 3, ... (rank 0)
+    first_step_s: float  # launch to the end of step 1
+    rss_mib: list[float]  # peak RSS per rank
+    rss_after_import_mib: list[float]  # RSS per rank once the framework is imported
+    tokens_per_step: int
+    step_cpu_s: list[float]  # CPU seconds of steps 2, 3, ..., summed over ranks
+    extra: dict = field(default_factory=dict)
+
+    def tokens_per_s(self, skip: int) -> float:
+        """Median wall-clock throughput, leaving out the first ``skip`` measured steps."""
+        return self.tokens_per_step / statistics.median(self.step_times[skip:] or self.step_times)
+
+    def tokens_per_cpu_s(self, skip: int) -> float:
+        """Tokens per CPU-second (all ranks): the contention-robust throughput."""
+        return self.tokens_per_step / statistics.median(self.step_cpu_s[skip:] or self.step_cpu_s)
+
+
+def model_config(name: str) -> dict:
+    from pmss_dist.builtin import TINY_CONFIG
+
+    return {**TINY_CONFIG, **MODELS[name]}
+
+
+def parameter_count(name: str) -> int:
+    c = model_config(name)
+    d, f, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+    block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    return layers * block + 2 * v * d + d
+
+
+def lora_trainable(config: dict | str, rank: int) -> int:
+    """LoRA parameters on all seven projections of every block (``config``: an HF config dict
+    or a name in MODELS)."""
+    c = model_config(config) if isinstance(config, str) else config
+    d, f = c["hidden_size"], c["intermediate_size"]
+    kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+    per_block = rank * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)
+    return c["num_hidden_layers"] * per_block
+
+
+def pmss_rank_for_budget(config: dict | str, lora_rank: int) -> int:
+    """The k whose 7·L·k² trainable parameters come closest to LoRA-r's."""
+    c = model_config(config) if isinstance(config, str) else config
+    target = lora_trainable(c, lora_rank)
+    return min(range(1, 4096), key=lambda k: abs(7 * c["num_hidden_layers"] * k * k - target))
+
+
+def _sum_rows(n: int, seed: int) -> list[dict]:
+    """Alpaca-style rows whose output is a long run of additions: every row is far longer than
+    any benchmark seq_len in either tokenizer, so trainers cut rows to exactly seq_len tokens."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        facts = []
+        for _ in range(80):
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            facts.append(f"{a} plus {b} is {a + b}.")
+        rows.append({"instruction": "Add the numbers in each sentence.", "input": "", "output": " ".join(facts)})
+    return rows
+
+
+def prepare_workspace(root: Path, model: str, num_rows: int = 1024) -> dict[str, Path]:
+    """Write (once) the checkpoint, tokenizer and data for ``model`` under ``root``."""
+    import sentencepiece as spm
+
+    from pmss_dist.builtin import BYTE_TOKENIZER_FILE, write_tiny_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "sums.json"
+    if not data.is_file():
+        data.write_text(json.dumps(_sum_rows(num_rows, seed=0)))
+    spm_model = root / "spm" / "tokenizer.model"
+    if not spm_model.is_file():
+        spm_model.parent.mkdir(exist_ok=True)
+        text = root / "spm" / "train.txt"
+        # The prompt templates' words too, so no trainer's template falls back to <unk>.
+        templates = ["Below is an instruction that describes a task. Write a response that appropriately "
+                     "completes the request.", "### Instruction:", "### Input:", "### Response:"]
+        text.write_text("\n".join(templates + [r["output"] for r in json.loads(data.read_text())[:200]]))
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(spm_model.with_suffix("")),
+                                       vocab_size=SPM_VOCAB, model_type="bpe", character_coverage=1.0,
+                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+                                       minloglevel=2)
+    ckpt = root / f"model_{model}"
+    if not (ckpt / "config.json").is_file():
+        write_tiny_checkpoint(ckpt, seed=0, **MODELS[model])
+        (ckpt / BYTE_TOKENIZER_FILE).unlink()  # every trainer reads the same SentencePiece model
+        shutil.copy(spm_model, ckpt / "tokenizer.model")
+    return {"ckpt": ckpt, "data": data, "tokenizer": ckpt / "tokenizer.model"}
+
+
+def torchrun(nproc: int, script: Path, args: list[str], env: dict, log: Path, timeout: float) -> float:
+    """Run ``script`` on ``nproc`` local processes; return the launch time (time.time())."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *args]
+    return run_command(cmd, env, log, timeout)
+
+
+def run_command(cmd: list[str], env: dict, log: Path, timeout: float) -> float:
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH), str(REPO / "src"), env.get("PYTHONPATH", ""))
+                                             if p)
+    launched = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "".join(Path(log).read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}; log {log}:\n{tail}")
+    return launched
+
+
+@dataclass
+class WorkerRecord:
+    rank: int
+    peak_mib: float
+    after_import_mib: float
+    steps: list[tuple[float, float]]  # (wall time, process CPU time) at the end of each optimizer step
+
+
+def read_records(record_dir: Path) -> list[WorkerRecord]:
+    """Every rank's record, written by `record_worker` when the worker exits."""
+    files = sorted(record_dir.glob("rank*.json"), key=lambda p: int(p.stem.removeprefix("rank")))
+    if not files:
+        raise RuntimeError(f"no rank*.json in {record_dir}: the worker did not reach its exit hook")
+    return [WorkerRecord(**json.loads(p.read_text())) for p in files]
+
+
+def record_worker(record_dir: str) -> None:
+    """Called first thing in a worker (after its framework is imported). Stamps the wall and CPU
+    time after every optimizer step (a global post-step hook: the same for every trainer, on every
+    rank), and at exit writes them with this rank's peak RSS (ru_maxrss, KiB on Linux)."""
+    import atexit
+    import resource
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rank = int(os.environ.get("RANK", "0"))
+    steps: list[tuple[float, float]] = []
+    register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: steps.append((time.time(), time.process_time())))
+
+    def write():
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        (Path(record_dir) / f"rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "peak_mib": peak, "after_import_mib": after_import, "steps": steps}))
+
+    atexit.register(write)
+
+
+def result_from_records(name: str, records: list[WorkerRecord], launched: float, tokens_per_step: int,
+                        **extra) -> "RunResult":
+    main = records[0]
+    if len(main.steps) < 2:
+        raise RuntimeError(f"{name}: only {len(main.steps)} optimizer steps recorded")
+    wall = [b[0] - a[0] for a, b in zip(main.steps, main.steps[1:])]
+    # CPU seconds of a step summed over ranks: the work done, which other jobs on the machine
+    # do not inflate the way they inflate wall time.
+    cpu = [sum(r.steps[i + 1][1] - r.steps[i][1] for r in records) for i in range(len(main.steps) - 1)]
+    return RunResult(name, wall, main.steps[0][0] - launched, [r.peak_mib for r in records],
+                     [r.after_import_mib for r in records], tokens_per_step, cpu, extra)
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def print_markdown(headers: list[str], rows: list[list], title: str | None = None) -> None:
+    if title:
+        print(f"\n{title}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    sys.stdout.flush()

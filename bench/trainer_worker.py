@@ -1,0 +1,114 @@
+"""One torchrun worker of our real trainer (``launch/train.py``), plus what the benchmarks need
+from it: step times and the rank's peak RSS (``BENCH_RECORD_DIR``, see benchlib.record_worker),
+and the *frozen-only* baseline (``BENCH_FROZEN_ONLY=1``).
+
+Frozen-only is the trainer's own step on the same model with no adapters: every weight frozen
+and a single trainable scalar gain (initialised to 1) on the token-embedding output, so the loss
+back-propagates through every block down to the embeddings. Its backward is the input-gradient
+GEMMs of the frozen base (no weight gradients), which is the floor any PEFT method pays; a PEFT
+step's extra cost over it is the adapters' own work. (With adapters, block 0's input needs no
+gradient, so frozen-only does slightly more work there than PMSS or LoRA: one block's input-gradient
+GEMMs.) Activation checkpointing is applied only to blocks holding trainable parameters, so
+frozen-only runs without it whatever the config says: its AC-on rows are the AC-off baseline.
+
+``BENCH_PROFILE=first:count`` profiles optimizer steps first..first+count-1 on rank 0 into
+``$BENCH_RECORD_DIR/profile_rank0.txt`` (torch.profiler for the first, CPU time per op for the rest).
+
+    torchrun --nproc_per_node 2 bench/trainer_worker.py --config configs/tiny.yaml key=value ...
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import pmss_dist.train as trainer
+from benchlib import REPO, record_worker
+
+
+GAIN = "input_gain"
+
+
+def _install_frozen_only() -> None:
+    import pmss_dist.hf_checkpoint as hf_checkpoint
+    from pmss_dist.adapters import count_parameters
+
+    original_reset = trainer.reset_adapters
+    original_base_parameters = hf_checkpoint.base_parameters
+
+    def freeze_all(model: nn.Module, spec) -> dict[str, int]:
+        del spec  # no adapters at all
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.tok_embeddings
+        setattr(emb, GAIN, nn.Parameter(torch.ones((), device=emb.weight.device)))
+        emb.register_forward_hook(lambda module, args, out: out * getattr(module, GAIN))
+        return count_parameters(model)
+
+    def reset(model: nn.Module, seed: int) -> None:
+        original_reset(model, seed)
+        with torch.no_grad():
+            getattr(model.tok_embeddings, GAIN).fill_(1.0)  # to_empty left it uninitialised
+
+    def base_parameters(model: nn.Module):  # the gain is not in the checkpoint: not a base weight
+        return {n: p for n, p in original_base_parameters(model).items() if not n.endswith(GAIN)}
+
+    trainer.apply_adapters = freeze_all
+    trainer.reset_adapters = reset
+    hf_checkpoint.base_parameters = base_parameters
+
+
+def _install_step_profiler(first: int, count: int, out_file: Path) -> None:
+    """Profile optimizer steps first..first+count-1 on rank 0: CPU time per aten op (OpCpuTimer,
+    robust to other jobs on the machine) and torch.profiler's table for the first of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from op_timer import OpCpuTimer
+
+    original_step = trainer.train_step
+    timer, calls, cpu = OpCpuTimer(), [0], [0.0]
+
+    def profiled_step(run):
+        calls[0] += 1
+        if run.env.rank != 0 or not first <= calls[0] < first + count:
+            return original_step(run)
+        start = time.process_time()
+        if calls[0] == first:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                result = original_step(run)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+            out_file.write_text(f"torch.profiler, step {first} (wall-clock durations):\n{table}\n")
+        else:
+            with timer:
+                result = original_step(run)
+            cpu[0] += time.process_time() - start
+        if calls[0] == first + count - 1:
+            with open(out_file, "a") as f:
+                f.write(f"\nsteps {first + 1}-{first + count - 1}:\n"
+                        f"{timer.table(steps=count - 1, top=25, total_cpu_s=cpu[0])}\n")
+        return result
+
+    trainer.train_step = profiled_step
+
+
+def main() -> None:
+    record_dir = os.environ["BENCH_RECORD_DIR"]
+    record_worker(record_dir)
+    if os.environ.get("BENCH_FROZEN_ONLY") == "1":
+        _install_frozen_only()
+    if os.environ.get("BENCH_PROFILE"):  # "first:count", e.g. "4:4": steps 4..7
+        first, count = (int(v) for v in os.environ["BENCH_PROFILE"].split(":"))
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        _install_step_profiler(first, count, Path(record_dir) / "profile_rank0.txt")
+    sys.argv = [str(REPO / "launch" / "train.py"), *sys.argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
