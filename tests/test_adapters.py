@@ -26,9 +26,12 @@ def _pmss_layer(d_out=24, d_in=20, k=6, bias=False, seed=0):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_pmss_forward_and_grads_equal_dense_reference(bias):
-    layer = _pmss_layer(bias=bias)
-    x = torch.randn(3, 5, 20, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("d_out,d_in", [(24, 20), (20, 24)], ids=["wide-out", "wide-in"])
+def test_pmss_forward_and_grads_equal_dense_reference(bias, d_out, d_in):
+    # Both forward formulations: the update folded into the input (d_out > d_in) and read off
+    # the base output (d_out <= d_in).
+    layer = _pmss_layer(d_out=d_out, d_in=d_in, bias=bias)
+    x = torch.randn(3, 5, d_in, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     w, rows, cols = layer.weight, layer.row_idx, layer.col_idx
     core = layer.core.detach().clone().requires_grad_(True)

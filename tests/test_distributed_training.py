@@ -29,7 +29,7 @@ def single(session_tmp):
 
 
 @pytest.mark.parametrize("nproc,extra", [
-    (2, ["data.micro_batch_size=8"]),  # no accumulation
+    (2, ["data.micro_batch_size=8", "parallel.reshard_after_forward=true"]),  # no accumulation
     (4, ["data.micro_batch_size=2"]),  # accumulation 2 on 4 ranks
     (2, ["data.micro_batch_size=4", "parallel.compile=true", "parallel.activation_checkpointing=selective"]),
     (2, ["data.micro_batch_size=4", "parallel.activation_checkpointing=full"]),

@@ -144,7 +144,9 @@ def test_merged_export_loads_in_transformers(tmp_path, family, kind, sharded):
     merged = transformers_logits(out, tokens())
     # Same weights, same arithmetic: tight. Against the unmerged adapter, fp32 reassociation of the
     # update (W·x + s·C·U·R·x versus (W + s·C·U·R)·x) leaves ~1e-5 of the logits' scale.
-    assert_close_to_scale(merged, ours_merged, 2e-6)
+    # Gemma's two implementations (embedding scaled by sqrt(d), tanh-GELU) round differently in fp32:
+    # up to ~3e-6 of the scale on identical weights, the same noise the import test allows.
+    assert_close_to_scale(merged, ours_merged, 5e-6 if family == "gemma" else 2e-6)
     assert_close_to_scale(merged, ours, 3e-5)
     assert (merged - transformers_logits(base, tokens())).abs().max() > 1e-2  # the adapter matters
 

@@ -65,11 +65,17 @@ class PMSSLinear(nn.Module):
             self.core.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        core = self.core.to(x.dtype)
+        if self.out_features > self.in_features:
+            # Wide output (gate/up): fold the update into the input, x' = x + s·(x·Rᵀ·Uᵀ) at
+            # columns J, so the base GEMM applies C for free; the extra GEMM is k·d_in, not k·d_out.
+            row_proj = F.linear(x, self.weight.index_select(0, self.row_idx))  # x·Rᵀ
+            x = x.index_add(-1, self.col_idx, F.linear(row_proj, core), alpha=self.scale)
+            return F.linear(x, self.weight, self.bias)
         base = F.linear(x, self.weight)
         row_proj = base.index_select(-1, self.row_idx)  # x·Rᵀ, read off the base output
         col_skeleton = self.weight.index_select(1, self.col_idx)  # C = W[:, J]
-        update = F.linear(F.linear(row_proj, self.core.to(base.dtype)), col_skeleton)
-        out = base + self.scale * update
+        out = base + self.scale * F.linear(F.linear(row_proj, core), col_skeleton)
         return out if self.bias is None else out + self.bias
 
     @torch.no_grad()

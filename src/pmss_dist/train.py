@@ -99,8 +99,8 @@ def _flops_per_token(model, hf_config: dict, seq_len: int) -> float:
         if p.dim() == 2 and not p.requires_grad and "tok_embeddings" not in name:
             frozen += p.numel()
     for layer in adapter_layers(model).values():
-        if isinstance(layer, PMSSLinear):  # row proj reuses the base output: core + column skeleton
-            adapter += 2 * (layer.rank * layer.rank + layer.rank * layer.out_features)
+        if isinstance(layer, PMSSLinear):  # core + one skeleton GEMM on the narrower side
+            adapter += 2 * (layer.rank * layer.rank + layer.rank * min(layer.in_features, layer.out_features))
         else:
             adapter += 2 * layer.rank * (layer.in_features + layer.out_features)
     return peft_flops_per_token(frozen, adapter, hf_config["num_hidden_layers"], hf_config["hidden_size"], seq_len)
