@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from pmss_dist.adapters import (AdapterSpec, LoRALinear, PMSSLinear, adapter_layers, apply_adapters,
+from pmss_dist.adapters import (AdapterSpec, LoRALinear, PMSSLinear, adapter_layers, apply_adapters, apply_pmss,
                                 merge_adapters, reset_adapters)
+from pmss_dist.selection import select_skeleton
 from pmss_dist.models import build_model
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -132,3 +133,18 @@ def test_rank_too_large_and_bad_targets_name_the_problem():
         apply_adapters(_tiny("LlamaForCausalLM"), AdapterSpec("pmss", targets=("qproj",), rank=4))
     with pytest.raises(ValueError, match="must be positive"):
         apply_adapters(_tiny("LlamaForCausalLM"), AdapterSpec("pmss", rank=0))
+
+
+def test_apply_pmss_selects_every_skeleton_from_its_own_weight():
+    model = _tiny("LlamaForCausalLM").float()
+    tokens = torch.randint(0, 96, (2, 7))
+    base_logits = model(tokens)
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith("layers.")}
+    counts = apply_pmss(model, rank=5, method="qdeim", seed=2)
+    assert counts["trainable"] == len(weights) * 25
+    for name, layer in adapter_layers(model).items():
+        rows, cols = select_skeleton(weights[name], 5, "qdeim", seed=2, name=name)
+        assert torch.equal(layer.row_idx, rows) and torch.equal(layer.col_idx, cols)
+        assert layer.scale == 1.0
+    assert torch.equal(model(tokens), base_logits)

@@ -153,3 +153,16 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(session_tmp):
     assert step >= 1 and not (out / "summary.json").exists()
     manifest = json.loads((out / "checkpoints" / f"step_{step:06d}" / "manifest.json").read_text())
     assert all(map(lambda x: x == x and abs(x) != float("inf"), manifest["extra"]["losses"]))
+
+
+def test_async_save_publishes_the_same_checkpoints_and_resumes(uninterrupted, session_tmp):
+    out = session_tmp / "async"
+    run_job(2, [*LONG, "checkpoint.async_save=true", f"output_dir={out}"], timeout=120)
+    assert latest_step(out) == 40
+    assert_same_run(out, uninterrupted)
+    for step in (40, 35):
+        shutil.rmtree(out / "checkpoints" / f"step_{step:06d}")
+    (out / "summary.json").unlink()
+    proc = run_job(2, [*LONG, "checkpoint.async_save=true", f"output_dir={out}"])
+    assert "at step 30" in proc.stderr
+    assert_same_run(out, uninterrupted)

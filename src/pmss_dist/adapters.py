@@ -191,6 +191,16 @@ def plain_name(name: str) -> str:
     return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
 
 
+def apply_pmss(model: nn.Module, targets=tuple(TARGET_ALIASES), rank: int = 16, alpha: float | None = None,
+               method: str = "deim", *, seed: int = 0, svd: str = "auto") -> dict[str, int]:
+    """PMSS on a model with real weights, in one call: swap the targets for PMSS layers (core
+    ``rank × rank``, ``s = alpha / rank``, alpha defaulting to ``rank``), select every skeleton and
+    return the parameter counts. The distributed trainer runs the same two steps around sharding."""
+    counts = apply_adapters(model, AdapterSpec("pmss", tuple(targets), rank, float(rank if alpha is None else alpha)))
+    assign_skeletons(model, method, seed=seed, svd=svd)
+    return counts
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     """Adapter layers by fully qualified name, in module order (the same on every rank)."""
     return {plain_name(name): m for name, m in model.named_modules() if isinstance(m, (PMSSLinear, LoRALinear))}

@@ -68,6 +68,9 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, rank: int, async_save: bool = False):
         self.root, self.keep_last, self.rank, self.async_save = Path(root), keep_last, rank, async_save
         self._pending = None  # (future, partial_dir, final_dir, extra) of an async save
+        # An async save runs its collectives from a background thread while training runs its own:
+        # on one shared process group they interleave and deadlock, so it gets a group of its own.
+        self._async_group = dist.new_group(backend="gloo") if async_save else None
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer, extra: dict) -> None:
@@ -82,7 +85,8 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
         state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state()}
         if self.async_save:
-            self._pending = (dcp.async_save(state, checkpoint_id=partial), partial, final, extra)
+            future = dcp.async_save(state, checkpoint_id=partial, process_group=self._async_group)
+            self._pending = (future, partial, final, extra)
         else:
             dcp.save(state, checkpoint_id=partial)
             self._publish(partial, final, extra)

@@ -275,7 +275,7 @@ def train_step(run: Run) -> tuple[float, float, float]:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
-    extra = {"step": step, "losses": run.losses, "scheduler": run.scheduler.state_dict(),
+    extra = {"step": step, "losses": list(run.losses), "scheduler": run.scheduler.state_dict(),
              "sampler": run.sampler.state_dict(), "base_fingerprint": run.fingerprint}
     run.manager.save(step, run.model, run.optimizer, extra)
 
