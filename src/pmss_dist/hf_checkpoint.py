@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.tensor import DTensor, Shard
 from torchtune.models.convert_weights import _FROM_HF
 
-from pmss_dist.adapters import adapter_layers
+from pmss_dist.adapters import adapter_layers, plain_name
 from pmss_dist.builtin import BYTE_TOKENIZER_FILE
 from pmss_dist.models import PERMUTED_QK_FAMILIES, build_model, head_dim, model_family
 
@@ -144,7 +144,7 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
                      for p_name, _ in layer.named_parameters(recurse=False) if p_name not in ("weight", "bias")}
     out = {}
     for name, p in model.named_parameters():
-        name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+        name = plain_name(name)
         if name not in adapter_owned:
             out[name] = p
     return out
