@@ -97,3 +97,6 @@ def test_summary_and_outputs(single, session_tmp):
     assert resolved["max_steps"] == 8 and resolved["adapter"]["rank"] == 8
     assert (out / "adapter" / "adapter.safetensors").is_file()
     assert (out / "selection.json").is_file()
+    manifest = json.loads((out / "checkpoints" / "step_000008" / "manifest.json").read_text())
+    assert manifest["extra"]["config"] == resolved
+    assert manifest["extra"]["selection"] == json.loads((out / "selection.json").read_text())

@@ -275,7 +275,11 @@ def train_step(run: Run) -> tuple[float, float, float]:
 
 
 def save_checkpoint(run: Run, step: int) -> None:
+    # The resolved config and the skeleton selection travel with every checkpoint, so one can be
+    # inspected or exported without the run directory around it.
+    selection = Path(run.cfg.output_dir) / "selection.json"
     extra = {"step": step, "losses": list(run.losses), "scheduler": run.scheduler.state_dict(),
+             "config": to_dict(run.cfg), "selection": json.loads(selection.read_text()) if selection.is_file() else None,
              "sampler": run.sampler.state_dict(), "base_fingerprint": run.fingerprint}
     run.manager.save(step, run.model, run.optimizer, extra)
 
