@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -166,3 +167,20 @@ def test_async_save_publishes_the_same_checkpoints_and_resumes(uninterrupted, se
     proc = run_job(2, [*LONG, "checkpoint.async_save=true", f"output_dir={out}"])
     assert "at step 30" in proc.stderr
     assert_same_run(out, uninterrupted)
+
+
+def test_export_of_an_unfinished_run_uses_its_newest_checkpoint(uninterrupted, session_tmp):
+    # A run killed after its last checkpoint: no adapter/ and no summary.json, only checkpoints.
+    # Exported from the checkpoint, it must equal what the trainer itself exported at the end.
+    out = session_tmp / "unfinished-export"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "merged")
+    (out / "summary.json").unlink()
+    (out / "config.json").unlink()
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), "--run", str(out),
+                           "--out", str(out / "exported")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exporting its checkpoint step_000040" in proc.stderr
+    assert (out / "exported" / "model.safetensors").read_bytes() == \
+        (uninterrupted / "merged" / "model.safetensors").read_bytes()

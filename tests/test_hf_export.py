@@ -257,6 +257,7 @@ def test_export_tool_on_a_builtin_run(tmp_path, capsys):
     model = trained_adapter(our_model(base), "pmss", rank=8, alpha=16.0, seed=8)
     save_run_adapter(model, run / "adapter", base, "pmss", 8, 16.0)
     (run / "config.json").write_text(json.dumps(to_dict(TrainConfig(output_dir=str(run)))))
+    (run / "summary.json").write_text(json.dumps({"completed": True}))  # what marks a finished run
     toks = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
     assert run_tool("export_hf.py", ["--run", str(run), "--out", str(tmp_path / "merged")]) == 0
@@ -273,7 +274,7 @@ def test_tool_help_and_missing_inputs(tmp_path, capsys):
         run_tool("export_hf.py", ["--help"])
     assert exit_info.value.code == 0 and "--peft" in capsys.readouterr().out
     assert run_tool("export_hf.py", ["--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-    assert "config.json not found: --run must be a finished run" in capsys.readouterr().err
+    assert "is neither a finished run (summary.json, adapter/) nor has a complete checkpoint" in capsys.readouterr().err
 
 
 def _adapter_copy(llama_run, tmp_path, edit) -> Path:

@@ -15,30 +15,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 try:
-    from pmss_dist.hf_export import export_merged, export_peft
+    import pmss_dist  # noqa: F401
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from pmss_dist.hf_export import export_merged, export_peft
+from pmss_dist.adapter_io import ADAPTER_META
+from pmss_dist.checkpoint import CheckpointError, CheckpointManager, extract_adapter
+from pmss_dist.hf_export import export_merged, export_peft
 
 BUILTIN_TINY = "builtin:tiny"  # train.py writes that base to <run>/base_model
 
 
-def run_inputs(run_dir: Path) -> tuple[Path, Path]:
-    """``(adapter_dir, base_dir)`` of a finished training run."""
+def run_inputs(run_dir: Path, scratch: Path) -> tuple[Path, Path]:
+    """``(adapter_dir, base_dir)`` of a run: its final adapter when it finished (summary.json is
+    written last), else the adapter of its newest complete step checkpoint, extracted to ``scratch``."""
     config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
-    for path in (config_path, adapter_dir):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: --run must be a finished run's output_dir "
-                                    "(training writes adapter/ and config.json at the end)")
-    try:
-        model_path = json.loads(config_path.read_text())["model"]["path"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{config_path} has no model.path: not a pmss_dist run config ({err})") from err
+    if (run_dir / "summary.json").is_file() and adapter_dir.is_dir() and config_path.is_file():
+        try:
+            model_path = json.loads(config_path.read_text())["model"]["path"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{config_path} has no model.path: not a pmss_dist run config ({err})") from err
+    else:
+        newest = CheckpointManager(run_dir / "checkpoints", keep_last=1, rank=0).newest_valid()
+        if newest is None:
+            raise FileNotFoundError(f"{run_dir} is neither a finished run (summary.json, adapter/) nor has a "
+                                    "complete checkpoint under checkpoints/: nothing to export")
+        print(f"{run_dir} has not finished: exporting its checkpoint {newest.name}", file=sys.stderr, flush=True)
+        adapter_dir = extract_adapter(newest, scratch / "adapter")
+        model_path = json.loads((adapter_dir / ADAPTER_META).read_text())["base_model"]
     base_dir = run_dir / "base_model" if model_path == BUILTIN_TINY else Path(model_path)
     return adapter_dir, base_dir
 
@@ -50,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Either --run, or both --adapter and --base. Any adapter tensor that cannot be mapped "
                "onto an HF weight stops the export; nothing is dropped.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="a finished run's output_dir (reads adapter/ and config.json)")
+    source.add_argument("--run", type=Path, help="a run's output_dir: its final adapter, or its newest "
+                        "complete step checkpoint if it has not finished")
     source.add_argument("--adapter", type=Path, help="adapter directory (adapter.safetensors + adapter.json)")
     parser.add_argument("--base", type=Path, help="base HF checkpoint directory (with --adapter)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
@@ -65,16 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--base goes with --adapter; a run names its own base")
 
     start = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="pmss-export-"))
     try:
-        adapter_dir, base_dir = run_inputs(args.run) if args.run else (args.adapter, args.base)
+        adapter_dir, base_dir = run_inputs(args.run, scratch) if args.run else (args.adapter, args.base)
         print(f"adapter {adapter_dir}, base {base_dir}", file=sys.stderr, flush=True)
         if args.peft:
             export_peft(adapter_dir, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
         else:
             export_merged(adapter_dir, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"done in {time.perf_counter() - start:.1f}s: {args.out}", file=sys.stderr)
     return 0
 

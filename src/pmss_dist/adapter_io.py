@@ -34,9 +34,13 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
+    return write_adapter(adapter_state(model), out_dir, meta)
+
+
+def write_adapter(state: dict[str, torch.Tensor], out_dir: str | Path, meta: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = adapter_state(model)
+    state = {k: v.contiguous() for k, v in state.items()}
     atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
     atomic_write(out_dir / ADAPTER_META, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return out_dir

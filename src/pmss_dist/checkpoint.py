@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from pmss_dist.files import atomic_write
 
+ADAPTER_TENSORS = ("core", "row_idx", "col_idx", "lora_a", "lora_b")
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
@@ -187,3 +189,28 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def extract_adapter(path: str | Path, out_dir: str | Path) -> Path:
+    """Write the adapter of a step checkpoint as an adapter directory (`adapter_io` format), in one
+    process and without building the model: the DCP keys of adapter tensors are the adapter file's
+    keys under ``model.``, and the manifest holds the run's config and base fingerprint."""
+    from pmss_dist.adapter_io import write_adapter
+
+    path = Path(path)
+    manifest = verify(path)
+    extra = manifest["extra"]
+    if "config" not in extra:
+        raise CheckpointError(f"{path} predates configs in checkpoints: export the finished run instead")
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in metadata.items()
+             if key.startswith("model.") and key.rsplit(".", 1)[-1] in ADAPTER_TENSORS}
+    if not state:
+        raise CheckpointError(f"{path} holds no adapter tensors")
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    cfg = extra["config"]
+    meta = {"kind": cfg["adapter"]["kind"], "rank": cfg["adapter"]["rank"], "alpha": cfg["adapter"]["alpha"],
+            "targets": cfg["adapter"]["targets"], "method": cfg["adapter"]["method"],
+            "base_model": cfg["model"]["path"], "base_fingerprint": extra["base_fingerprint"],
+            "step": extra["step"]}
+    return write_adapter({key.removeprefix("model."): value for key, value in state.items()}, out_dir, meta)
