@@ -2,13 +2,14 @@
 fail-fast configs, TensorBoard output."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import FAST, REPO, run_job, summary
+from conftest import FAST, REPO, job_env, run_job, summary, torchrun_cmd
 
 PROBE = REPO / "tests" / "dist_probe.py"
 
@@ -100,3 +101,19 @@ def test_summary_and_outputs(single, session_tmp):
     manifest = json.loads((out / "checkpoints" / "step_000008" / "manifest.json").read_text())
     assert manifest["extra"]["config"] == resolved
     assert manifest["extra"]["selection"] == json.loads((out / "selection.json").read_text())
+
+
+def test_selection_tool_on_two_ranks_writes_the_runs_selection(single, session_tmp):
+    # The standalone tool (2 ranks) and the 1-process training run select the same skeletons,
+    # and the run accepts the tool's file as adapter.selection_file.
+    out = session_tmp / "single"
+    sel = session_tmp / "tool-selection.json"
+    proc = subprocess.run(torchrun_cmd(2, REPO / "tools" / "select_skeletons.py")
+                          + ["--hf", str(out / "base_model"), "--rank", "8", "--dtype", "float32", "--out", str(sel)],
+                          capture_output=True, text=True, timeout=300, env=job_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tool, run = json.loads(sel.read_text()), json.loads((out / "selection.json").read_text())
+    assert tool == run
+    reuse = run_job(1, [*FAST, f"output_dir={session_tmp / 'reuse'}", f"adapter.selection_file={sel}",
+                        "max_steps=1"])
+    assert "reusing skeleton selection" in reuse.stderr
