@@ -33,7 +33,6 @@ import argparse
 import json
 import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -162,12 +161,8 @@ def main() -> None:
     if args.quick:
         args.models, args.nprocs, args.steps = "tiny", "2", args.steps or 12
         args.runs = args.runs.replace(",peft-lora", "")
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_peers_"))
-    try:
+    with benchlib.workdir(args.workdir, "bench_peers_") as work:
         run_all(args, work)
-    finally:
-        if not args.workdir:  # a 100M run leaves GBs of checkpoints and exports behind
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_all(args, work: Path) -> None:

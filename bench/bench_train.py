@@ -29,7 +29,6 @@ import argparse
 import json
 import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 import benchlib
@@ -91,12 +90,8 @@ def main() -> None:
     if args.quick:
         args.models, args.nprocs, args.compile, args.ac = "tiny", "2", "off", "off"
         args.steps = args.steps or 12
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train_"))
-    try:
+    with benchlib.workdir(args.workdir, "bench_train_") as work:
         run_all(args, work)
-    finally:
-        if not args.workdir:  # a 100M run leaves GBs of checkpoints and exports behind
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_all(args, work: Path) -> None:

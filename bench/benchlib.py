@@ -28,6 +28,8 @@ import statistics
 import subprocess
 import sys
 import time
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,18 @@ class RunResult:
     def tokens_per_cpu_s(self, skip: int) -> float:
         """Tokens per CPU-second (all ranks): the contention-robust throughput."""
         return self.tokens_per_step / statistics.median(self.step_cpu_s[skip:] or self.step_cpu_s)
+
+
+@contextmanager
+def workdir(keep: str | None, prefix: str):
+    """``keep`` if given, else a temporary directory removed afterwards: a 100M run leaves GBs of
+    checkpoints and exports behind."""
+    work = Path(keep or tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def model_config(name: str) -> dict:

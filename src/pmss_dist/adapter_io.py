@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pmss_dist.adapters import PMSSLinear, adapter_layers
+from pmss_dist.adapters import adapter_layers
 from pmss_dist.files import atomic_write
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -21,16 +21,8 @@ ADAPTER_META = "adapter.json"
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, layer in adapter_layers(model).items():
-        if isinstance(layer, PMSSLinear):
-            state[f"{name}.core"] = layer.core.detach()
-            state[f"{name}.row_idx"] = layer.row_idx
-            state[f"{name}.col_idx"] = layer.col_idx
-        else:
-            state[f"{name}.lora_a"] = layer.lora_a.detach()
-            state[f"{name}.lora_b"] = layer.lora_b.detach()
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return {f"{name}.{attr}": getattr(layer, attr).detach().cpu().contiguous()
+            for name, layer in adapter_layers(model).items() for attr in layer.tensor_names}
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
@@ -62,7 +54,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ValueError(f"adapter does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, layer in adapter_layers(model).items():
-        for attr in ("core", "row_idx", "col_idx") if isinstance(layer, PMSSLinear) else ("lora_a", "lora_b"):
+        for attr in layer.tensor_names:
             target, value = getattr(layer, attr), state[f"{name}.{attr}"]
             if target.shape != value.shape:
                 raise ValueError(f"adapter tensor {name}.{attr} has shape {tuple(value.shape)}, "

@@ -44,6 +44,8 @@ def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
 class PMSSLinear(nn.Module):
     """A frozen linear layer plus the PMSS update ``s·C·U·R`` with a trainable ``k × k`` core."""
 
+    tensor_names = ("core", "row_idx", "col_idx")  # what an adapter file or checkpoint holds of it
+
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -92,6 +94,8 @@ class PMSSLinear(nn.Module):
 class LoRALinear(nn.Module):
     """A frozen linear layer plus ``s·B·A`` (Hu et al. 2021), the baseline PMSS is compared with."""
 
+    tensor_names = ("lora_a", "lora_b")
+
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -128,6 +132,7 @@ class LoRALinear(nn.Module):
 
 
 ADAPTER_CLASSES = {"pmss": PMSSLinear, "lora": LoRALinear}
+ADAPTER_TENSORS = {kind: cls.tensor_names for kind, cls in ADAPTER_CLASSES.items()}
 AdapterLinear = PMSSLinear | LoRALinear
 
 

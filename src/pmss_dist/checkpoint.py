@@ -31,9 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from pmss_dist.adapters import ADAPTER_TENSORS
 from pmss_dist.files import atomic_write
-
-ADAPTER_TENSORS = ("core", "row_idx", "col_idx", "lora_a", "lora_b")
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -204,7 +203,7 @@ def extract_adapter(path: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"{path} predates configs in checkpoints: export the finished run instead")
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in metadata.items()
-             if key.startswith("model.") and key.rsplit(".", 1)[-1] in ADAPTER_TENSORS}
+             if key.startswith("model.") and key.rsplit(".", 1)[-1] in sum(ADAPTER_TENSORS.values(), ())}
     if not state:
         raise CheckpointError(f"{path} holds no adapter tensors")
     dcp.load(state, checkpoint_id=path, no_dist=True)

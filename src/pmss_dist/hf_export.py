@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from pmss_dist.adapter_io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
-from pmss_dist.adapters import TARGET_ALIASES
+from pmss_dist.adapters import ADAPTER_TENSORS, TARGET_ALIASES
 from pmss_dist.checkpoint import base_fingerprint
 from pmss_dist.files import atomic_write
 from pmss_dist.hf_checkpoint import (INDEX_FILE, copy_side_files, open_safetensors, permutation_for,
@@ -37,7 +37,6 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 # Adapter files of either format. None may sit beside merged weights: transformers (with peft
 # installed) applies an adapter_config.json it finds in a model directory, on top of the merge.
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META, PEFT_CONFIG, PEFT_WEIGHTS)
-_ADAPTER_TENSORS = {"pmss": ("core", "row_idx", "col_idx"), "lora": ("lora_a", "lora_b")}
 _PROJECTIONS = set(TARGET_ALIASES.values())
 
 
@@ -107,9 +106,9 @@ def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, La
     state, meta = read_adapter(adapter_dir)
     where = adapter_dir / ADAPTER_WEIGHTS
     kind = meta.get("kind")
-    if kind not in _ADAPTER_TENSORS:
+    if kind not in ADAPTER_TENSORS:
         raise ExportError(f"{adapter_dir / ADAPTER_META}: unknown adapter kind {kind!r}; "
-                          f"expected one of {sorted(_ADAPTER_TENSORS)}")
+                          f"expected one of {sorted(ADAPTER_TENSORS)}")
     try:
         rank, alpha = int(meta["rank"]), float(meta["alpha"])
         if rank <= 0:
@@ -119,7 +118,7 @@ def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, La
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         layer, _, attr = key.rpartition(".")
-        if attr not in _ADAPTER_TENSORS[kind] or layer.rpartition(".")[2] not in _PROJECTIONS:
+        if attr not in ADAPTER_TENSORS[kind] or layer.rpartition(".")[2] not in _PROJECTIONS:
             raise ExportError(f"{where}: tensor {key!r} is not part of a {kind} adapter on a projection "
                               f"({', '.join(sorted(_PROJECTIONS))}); refusing to export without it")
         layers.setdefault(layer, {})[attr] = value
@@ -128,7 +127,7 @@ def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, La
     perms = row_permutations(hf_config)
     updates = {}
     for layer, tensors in layers.items():
-        missing = set(_ADAPTER_TENSORS[kind]) - set(tensors)
+        missing = set(ADAPTER_TENSORS[kind]) - set(tensors)
         if missing:
             raise ExportError(f"{where}: layer {layer} lacks {sorted(missing)}")
         try:
