@@ -2,13 +2,18 @@
 
   python bench/bench_selection.py                       # 4096x4096 and 11008x4096, k=256
   python bench/bench_selection.py --quick               # scaled-down shapes, seconds
-  python bench/bench_selection.py --world-size 2        # select_skeletons on 1 LLaMA-7B layer, N=1 vs N=2
+  python bench/bench_selection.py --world-size 2        # select_skeletons on 2 LLaMA-7B layers, N=1 vs N=2
 
 Single-matrix mode times the SVD once per (shape, svd mode) and then each index picker on its
 singular vectors, which is exactly the work select_skeleton does (total = prep + svd + pick), so the
 three SVD-based methods do not each pay for their own SVD in the benchmark. The LLaMA-7B estimate is
 32 layers x (4 x first shape + 3 x second shape): q,k,v,o, then gate, up and down (down is the
 transpose of gate/up, and an SVD costs the same on a matrix and its transpose).
+
+Distributed mode gives every rank --threads-per-rank threads (default 1), for N=1 and N=2 alike: on
+a GPU node every rank brings its own device and cores, so that is the scaling a cluster sees. Pass
+--threads-per-rank 0 to split --threads between the ranks instead (a fixed machine shared by more
+processes).
 """
 from __future__ import annotations
 
@@ -118,7 +123,7 @@ def _dist_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
     from pmss_dist.distributed_selection import select_skeletons
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, args.threads // world))
+    torch.set_num_threads(args.threads_per_rank or max(1, args.threads // world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(hours=2))
     mesh = init_device_mesh("cpu", (world,))
     shapes = llama_layer_shapes(args.layers, args.hidden, args.intermediate)
@@ -163,7 +168,8 @@ def bench_distributed(args: argparse.Namespace) -> None:
     mib = sum(a * b for a, b in shapes.values()) * 2 / 2**20
     print(f"# select_skeletons: {args.layers} layer(s) of hidden={args.hidden}, intermediate={args.intermediate} "
           f"({len(shapes)} matrices, {mib:.0f} MiB bf16), k={args.k}, method={args.method}, svd={args.svd}, "
-          f"gloo on CPU, {args.threads} cores split between the ranks")
+          "gloo on CPU, " + (f"{args.threads_per_rank} thread(s) per rank" if args.threads_per_rank
+                                 else f"{args.threads} threads split between the ranks"))
     print(f"{'N':>3} {'wall_s':>8} {'speedup':>8} {'rss before MiB':>15} {'peak rss MiB (max rank)':>24} "
           f"{'same indices':>13}")
     first = None
@@ -190,7 +196,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="shapes and k divided by 8, for a smoke test")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="total CPU threads")
     ap.add_argument("--world-size", type=int, default=0, help="run select_skeletons with N=1 and N gloo ranks")
-    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--threads-per-rank", type=int, default=1,
+                    help="distributed mode: threads of each rank (0: split --threads between the ranks)")
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--method", default="deim", help="distributed mode")

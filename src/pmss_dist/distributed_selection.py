@@ -1,9 +1,10 @@
 """Skeleton selection for all PMSS layers of a model whose weights may be FSDP2 shards.
 
-Design (see docs/SELECTION.md): the sorted layer names are dealt round-robin to the ranks, layer i
-to rank i % N. In each round of N layers every rank sends its shard of each layer to that layer's
-owner (one ``dist.gather`` per layer), each owner reassembles its one full matrix, runs
-``select_skeleton`` on it exactly as a single process would, and frees it. At the end the indices
+Design (see docs/SELECTION.md): the layers, largest first, are dealt round-robin to the ranks in
+rounds of N. In each round every rank sends its shard of each layer to that layer's owner (one
+``dist.gather`` per layer), each owner reassembles its one full matrix, runs ``select_skeleton`` on
+it exactly as a single process would, and frees it. A round lasts as long as its slowest layer, so
+dealing by size puts layers of equal cost in the same round. At the end the indices
 are exchanged so every rank has all of them. The indices therefore do not depend on the world size,
 and no rank holds more than one full matrix at a time beyond its own shards.
 """
@@ -73,8 +74,9 @@ def _select_distributed(weights, ranks, names, method, seed, svd, process_group,
 
     meter = _Progress(len(names), enabled=progress and me == 0)
     results: dict[str, tuple[list[int], list[int]] | str] = {}
-    for start in range(0, len(names), world):
-        batch = names[start:start + world]
+    schedule = sorted(names, key=lambda n: (-_svd_cost(weights[n].shape), n))
+    for start in range(0, len(schedule), world):
+        batch = schedule[start:start + world]
         full = _receive_round(batch, weights, layouts, shard_lengths, me, group)
         if full is not None:
             n = batch[me]
@@ -95,6 +97,12 @@ def _select_distributed(weights, ranks, names, method, seed, svd, process_group,
         raise ValueError(f"skeleton selection failed for {len(errors)} layer(s): " + "; ".join(errors[:3]))
     return {n: (torch.tensor(merged[n][0], dtype=torch.int64), torch.tensor(merged[n][1], dtype=torch.int64))
             for n in names}
+
+
+def _svd_cost(shape) -> int:
+    """Relative cost of selecting one matrix: an SVD of an m x n matrix takes O(m n min(m, n))."""
+    m, n = shape
+    return m * n * min(m, n)
 
 
 def _group_of(weights, process_group):
