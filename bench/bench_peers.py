@@ -3,13 +3,15 @@ length, global batch and process count:
 
   tt-lora-r8     torchtune 0.6.1 ``lora_finetune_distributed`` (FSDP2), LoRA r=8 on all seven
                  projections, run unmodified with CPU shims (bench/torchtune_worker.py)
+  tt-lora-r8-keep  the same with ``fsdp_reshard_after_forward: False`` (its switch for what our
+                 ``parallel.reshard_after_forward=auto`` picks on small models): like for like
   ours-lora-r8   our trainer, LoRA r=8 (same rank and same trainable parameters as tt-lora-r8)
   ours-pmss-kB   our trainer, PMSS with k at LoRA-r8's trainable-parameter budget (DEIM selection)
   ours-pmss-k8   our trainer, PMSS k=8 (same rank as tt-lora-r8)
   peft-lora-r8   HF transformers + peft LoRA r=8, plain torch loop (DDP for N=2), in its own venv
                  (only with --peft-python)
 
-Reported as ratios to tt-lora-r8 from the same invocation: tokens/s (wall clock, median step),
+Reported as ratios to tt-lora-r8 from the same invocation (and tokens/s also to tt-lora-r8-keep when it ran): tokens/s (wall clock, median step),
 tokens per CPU-second (CPU time of a step summed over ranks: what other jobs on a shared machine do
 not inflate), time to first step (launch to the end of optimizer step 1: imports, model build,
 loading, skeleton selection and compilation included), and peak RSS per rank. All trainers: fp32,
@@ -82,9 +84,12 @@ def torchtune_config(model: str, paths: dict, nproc: int, steps: int, compile_on
     }
 
 
-def run_torchtune(model, paths, nproc, steps, compile_on, ac_on, out: Path, timeout) -> RunResult:
+def run_torchtune(model, paths, nproc, steps, compile_on, ac_on, out: Path, timeout,
+                  reshard_after_forward: bool = True) -> RunResult:
     cfg = out / "torchtune.yaml"
-    cfg.write_text(yaml.safe_dump(torchtune_config(model, paths, nproc, steps, compile_on, ac_on, out)))
+    config = torchtune_config(model, paths, nproc, steps, compile_on, ac_on, out)
+    config["fsdp_reshard_after_forward"] = reshard_after_forward
+    cfg.write_text(yaml.safe_dump(config))
     env = {"BENCH_RECORD_DIR": str(out / "records"), "OMP_NUM_THREADS": "1"}
     launched = benchlib.torchrun(nproc, BENCH / "torchtune_worker.py", ["--config", str(cfg)], env,
                                  out / "log.txt", timeout)
@@ -140,7 +145,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, N=2, 12 steps, no PEFT")
     parser.add_argument("--models", default="tiny,100m")
     parser.add_argument("--nprocs", default="1,2")
-    parser.add_argument("--runs", default="tt-lora,ours-lora,ours-pmss-budget,ours-pmss-rank,peft-lora",
+    parser.add_argument("--runs", default="tt-lora,tt-lora-keep,ours-lora,ours-pmss-budget,ours-pmss-rank,peft-lora",
                         help="which trainers (peft-lora needs --peft-python)")
     parser.add_argument("--peft-python", default=None,
                         help="python of a venv with torch, transformers and peft but no torchao (e.g. /tmp/peftvenv/bin/python)")
@@ -181,7 +186,8 @@ def run_all(args, work: Path) -> None:
             results: dict[str, list[RunResult]] = {}
             for rep in range(args.reps):
                 for run in runs[rep % len(runs):] + runs[:rep % len(runs)]:
-                    label = {"tt-lora": f"tt-lora-r{LORA_RANK}", "ours-lora": f"ours-lora-r{LORA_RANK}",
+                    label = {"tt-lora": f"tt-lora-r{LORA_RANK}", "tt-lora-keep": f"tt-lora-r{LORA_RANK}-keep",
+                             "ours-lora": f"ours-lora-r{LORA_RANK}",
                              "ours-pmss-budget": f"ours-pmss-k{k_budget}", "ours-pmss-rank": f"ours-pmss-k{LORA_RANK}",
                              "peft-lora": f"peft-lora-r{LORA_RANK}"}[run]
                     if run.startswith("ours") and args.ours_set:
@@ -190,8 +196,8 @@ def run_all(args, work: Path) -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     out.mkdir(parents=True)
                     common = (nproc, steps, args.compile, args.ac, out, args.timeout)
-                    if run == "tt-lora":
-                        r = run_torchtune(model, paths, *common)
+                    if run in ("tt-lora", "tt-lora-keep"):
+                        r = run_torchtune(model, paths, *common, reshard_after_forward=run == "tt-lora")
                     elif run == "ours-lora":
                         r = run_ours(model, paths, "lora", LORA_RANK, *common, args.profile, tuple(args.ours_set))
                     elif run == "ours-pmss-budget":
@@ -207,17 +213,19 @@ def run_all(args, work: Path) -> None:
                           f"first step {r.first_step_s:.1f}s, peak RSS {' / '.join(f'{m:.0f}' for m in r.rss_mib)} MiB",
                           flush=True)
             ref = results.get(f"tt-lora-r{LORA_RANK}")
+            ref_keep = results.get(f"tt-lora-r{LORA_RANK}-keep")
             rows = []
             for label, rs in results.items():
-                def ratio(f):  # median over repetitions of (run / torchtune in the same repetition)
-                    return f"{statistics.median(f(r) / f(t) for r, t in zip(rs, ref)):.2f}" if ref else "-"
+                def ratio(f, base=ref):  # median over repetitions of (run / torchtune in the same repetition)
+                    return f"{statistics.median(f(r) / f(t) for r, t in zip(rs, base)):.2f}" if base else "-"
                 rows.append([label, f"{rs[0].extra['trainable']:,}",
                              f"{statistics.median(r.tokens_per_s(skip) for r in rs):.0f}", ratio(lambda r: r.tokens_per_s(skip)),
+                             ratio(lambda r: r.tokens_per_s(skip), ref_keep),
                              f"{statistics.median(r.tokens_per_cpu_s(skip) for r in rs):.0f}", ratio(lambda r: r.tokens_per_cpu_s(skip)),
                              f"{statistics.median(r.first_step_s for r in rs):.1f}", ratio(lambda r: r.first_step_s),
                              " / ".join(f"{m:.0f}" for m in rs[0].rss_mib), ratio(lambda r: max(r.rss_mib)),
                              " / ".join(f"{m - a:.0f}" for m, a in zip(rs[0].rss_mib, rs[0].rss_after_import_mib))])
-            print_markdown(["run", "trainable", "tokens/s", "x tt", "tokens/CPU-s", "x tt", "first step s", "x tt",
+            print_markdown(["run", "trainable", "tokens/s", "x tt", "x tt-keep", "tokens/CPU-s", "x tt", "first step s", "x tt",
                             "peak RSS MiB per rank", "x tt", "peak - after-import RSS MiB"], rows,
                            title=f"### {model} ({benchlib.parameter_count(model):,} params), N={nproc}, seq_len={seq_len}, "
                                  f"global batch={batch}, {steps} steps (steps {skip + 2}-{steps} measured), "

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pmss_dist.config import ConfigError, check_world_size, load_config
+from pmss_dist.parallelize import resolve_reshard_after_forward
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -21,6 +22,8 @@ def test_overrides_are_parsed_by_type():
     assert cfg.optim.lr == 1e-3 and cfg.parallel.compile is True
     assert cfg.adapter.targets == ["q_proj", "v_proj"] and cfg.adapter.alpha == 8.0
     assert cfg.adapter.selection_file == "sel.json" and cfg.data.columns == {"question": "q"}
+    assert cfg.parallel.reshard_after_forward == "auto"  # the default
+    assert load_config(None, ["parallel.reshard_after_forward=false"]).parallel.reshard_after_forward is False
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -28,6 +31,7 @@ def test_overrides_are_parsed_by_type():
     ("lr=3", "unknown config key lr"),
     ("max_steps=ten", "max_steps must be int"),
     ("parallel.compile=maybe", "parallel.compile must be bool"),
+    ("parallel.reshard_after_forward=sometimes", "parallel.reshard_after_forward='sometimes' is not one of"),
     ("adapter.kind=dora", "adapter.kind='dora' is not one of"),
     ("adapter.method=svd", "adapter.method='svd' is not one of"),
     ("adapter.targets=[q]", "adapter.targets='q' is not one of"),
@@ -55,3 +59,14 @@ def test_missing_config_file_and_non_mapping(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_reshard_after_forward_auto_keeps_only_models_that_fit_gathered():
+    gib = 2**30
+    # auto: unsharded between forward and backward only when the model is <= 1/4 of a rank's memory
+    assert resolve_reshard_after_forward("auto", model_bytes=gib, rank_memory_bytes=80 * gib) is False
+    assert resolve_reshard_after_forward("auto", model_bytes=20 * gib, rank_memory_bytes=80 * gib) is False
+    assert resolve_reshard_after_forward("auto", model_bytes=21 * gib, rank_memory_bytes=80 * gib) is True
+    # an explicit setting wins whatever the size
+    assert resolve_reshard_after_forward(True, model_bytes=1, rank_memory_bytes=80 * gib) is True
+    assert resolve_reshard_after_forward(False, model_bytes=140 * gib, rank_memory_bytes=80 * gib) is False

@@ -83,7 +83,9 @@ class OptimConfig:
 class ParallelConfig:
     compile: bool = False
     activation_checkpointing: str = "none"  # none | full | selective
-    reshard_after_forward: bool = True
+    # auto: keep blocks gathered from forward to backward (one all-gather per block per step
+    # instead of two) when the whole model fits in a quarter of a rank's memory; see parallelize.
+    reshard_after_forward: bool | str = "auto"  # auto | true | false
 
 
 @dataclass
@@ -167,8 +169,13 @@ def _coerce(key: str, kind, value):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (kind,) = [a for a in args if a is not type(None)]
-        return _coerce(key, kind, value)
+        kinds = [a for a in args if a is not type(None)]
+        for kind in kinds[:-1]:
+            try:
+                return _coerce(key, kind, value)
+            except ConfigError:
+                pass
+        return _coerce(key, kinds[-1], value)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
@@ -209,6 +216,8 @@ def validate(cfg: TrainConfig) -> None:
     _choice("adapter.method", cfg.adapter.method, SELECTION_METHODS)
     _choice("adapter.svd", cfg.adapter.svd, SVD_MODES)
     _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, AC_MODES)
+    if isinstance(cfg.parallel.reshard_after_forward, str):
+        _choice("parallel.reshard_after_forward", cfg.parallel.reshard_after_forward, ("auto", True, False))
     for t in cfg.adapter.targets:
         _choice("adapter.targets", t, TARGET_ALIASES)
     positive = {"max_steps": cfg.max_steps, "adapter.rank": cfg.adapter.rank, "data.seq_len": cfg.data.seq_len,

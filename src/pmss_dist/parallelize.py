@@ -9,6 +9,7 @@ it keeps cores replicated rather than split unevenly on dim 0 as FSDP2 would do 
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
@@ -64,6 +65,30 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False,
                 ignored_params=trainable)
     return model
+
+
+# "auto" keeps blocks unsharded between forward and backward when the whole model takes at most
+# this fraction of a rank's memory: it then saves one all-gather per block per step (measured 1.5x
+# tokens/s on ~100M, 2 CPU ranks, docs/BENCHMARKS.md) for memory the rank can spare. Larger
+# models reshard, as ZeRO-3 needs.
+UNSHARDED_MEMORY_FRACTION = 0.25
+
+
+def resolve_reshard_after_forward(setting: bool | str, model_bytes: int, rank_memory_bytes: int) -> bool:
+    """``parallel.reshard_after_forward`` as a bool: given, or "auto" decided by the model's size."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"parallel.reshard_after_forward={setting!r}: use auto, true or false")
+    return model_bytes > UNSHARDED_MEMORY_FRACTION * rank_memory_bytes
+
+
+def rank_memory_bytes(device: torch.device) -> int:
+    """Memory one rank can count on: its GPU's, or on CPU the host's split between local ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

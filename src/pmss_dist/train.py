@@ -33,7 +33,8 @@ from pmss_dist.hf_checkpoint import load_hf_weights, read_hf_config
 from pmss_dist.hf_export import export_merged
 from pmss_dist.metrics import MetricsLogger, peak_flops, peak_memory_gib, peft_flops_per_token
 from pmss_dist.models import build_model, init_rope_caches
-from pmss_dist.parallelize import all_reduce_grads, parallelize, trainable_parameters
+from pmss_dist.parallelize import (all_reduce_grads, parallelize, rank_memory_bytes, resolve_reshard_after_forward,
+                                   trainable_parameters)
 
 BUILTIN_TINY = "builtin:tiny"
 
@@ -193,9 +194,14 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         model = build_model(hf_config, max_seq_len=cfg.data.seq_len)
     counts = apply_adapters(model, AdapterSpec(cfg.adapter.kind, tuple(cfg.adapter.targets),
                                                cfg.adapter.rank, cfg.adapter.alpha))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reshard = resolve_reshard_after_forward(cfg.parallel.reshard_after_forward, model_bytes,
+                                            rank_memory_bytes(env.device))
+    if env.is_main and cfg.parallel.reshard_after_forward == "auto":
+        print(f"parallel.reshard_after_forward=auto -> {str(reshard).lower()} (model {model_bytes / 2**30:.2f} GiB, "
+              f"rank memory {rank_memory_bytes(env.device) / 2**30:.0f} GiB)", file=sys.stderr, flush=True)
     parallelize(model, env.mesh, param_dtype=dtype, compile=cfg.parallel.compile,
-                activation_checkpointing=cfg.parallel.activation_checkpointing,
-                reshard_after_forward=cfg.parallel.reshard_after_forward)
+                activation_checkpointing=cfg.parallel.activation_checkpointing, reshard_after_forward=reshard)
     model.to_empty(device=env.device)
     init_rope_caches(model, env.device)
     load_hf_weights(model, base_dir, hf_config)
