@@ -51,6 +51,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(REPO / "src"))
+
+from pmss_dist.word_problems import check_calculations  # noqa: E402
 
 # name -> (config file, key=value overrides). One adapter.rank per run: PMSS uses a single k for
 # every target (configs/smollm2_pmss.yaml explains the budget arithmetic).
@@ -64,6 +67,7 @@ METHODS = {
     "pmss_random_k108": ("configs/smollm2_pmss.yaml", ["adapter.rank=108", "adapter.alpha=108", "adapter.method=random"]),
 }
 DEFAULT_LRS = {"pmss": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3]}  # pmss 5e-3 diverged (RESULTS.md)
+FINAL_LINE = re.compile(r"####\s*-?\$?\d")  # the trained answer format's last line
 STEP_LINE = re.compile(r"^\[step (\d+)/\d+ .*tokens_per_s=([0-9.e+-]+)")
 
 
@@ -124,7 +128,12 @@ def evaluate(args, model: Path, out: Path) -> dict:
         result["wall_s"] = wall
         out.write_text(json.dumps(result, indent=2))
     result = json.loads(out.read_text())
-    return {"accuracy": result["summary"]["accuracy"], "n": result["summary"]["n"], "eval_wall_s": result.get("wall_s")}
+    generated = [r["generated"] for r in result["records"]]
+    correct, total = map(sum, zip(*(check_calculations(g) for g in generated))) if generated else (0, 0)
+    return {"accuracy": result["summary"]["accuracy"], "n": result["summary"]["n"], "eval_wall_s": result.get("wall_s"),
+            # Finer than exact match: right <<a*b=c>> steps among those generated, and answers in the trained format.
+            "step_accuracy": correct / total if total else 0.0, "steps_per_answer": total / len(generated),
+            "format_rate": sum(bool(FINAL_LINE.search(g)) for g in generated) / len(generated)}
 
 
 def train(args, method: str, lr: float, seed: int) -> dict:
@@ -168,8 +177,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
     for (method, lr), rs in cells.items():
         acc, acc_sd = mean_std([r["accuracy"] for r in rs])
+        step_acc, step_acc_sd = mean_std([r["step_accuracy"] for r in rs])
         rows.append({"method": method, "lr": lr, "seeds": [r["seed"] for r in rs], "accuracy_mean": acc,
-                     "accuracy_std": acc_sd, "trainable_params": rs[0]["trainable_params"],
+                     "accuracy_std": acc_sd, "step_accuracy_mean": step_acc, "step_accuracy_std": step_acc_sd,
+                     "format_rate_mean": statistics.fmean(r["format_rate"] for r in rs),
+                     "trainable_params": rs[0]["trainable_params"],
                      "final_loss_mean": statistics.fmean(r["final_loss"] for r in rs),
                      "train_wall_s_mean": statistics.fmean(r["train_wall_s"] for r in rs),
                      "tokens_per_s_mean": statistics.fmean(r["tokens_per_s"] for r in rs if r["tokens_per_s"]),
@@ -188,17 +200,22 @@ def best_per_method(cells: list[dict]) -> list[dict]:
 def write_markdown(path: Path, base: dict, cells: list[dict], meta: dict) -> None:
     n = base["n"]
     lines = [f"# PMSS vs LoRA on SmolLM2-135M-Instruct ({meta['steps']} steps, test n={n})", "",
-             f"Base model (no fine-tuning): exact match {base['accuracy']:.3f} ({base['eval_wall_s']:.0f} s to score).", "",
-             "| method | lr | seeds | accuracy (mean ± std) | trainable params | final loss | train wall s | tokens/s | eval wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Base model (no fine-tuning): exact match {base['accuracy']:.3f}, step accuracy {base['step_accuracy']:.3f}, "
+             f"format {base['format_rate']:.2f} ({base['eval_wall_s']:.0f} s to score).", "",
+             "Step accuracy: right `<<a*b=c>>` calculations among those generated. Format: answers ending in `#### N`.", "",
+             "| method | lr | seeds | accuracy (mean ± std) | step accuracy (mean ± std) | format | trainable params "
+             "| final loss | train wall s | tokens/s | eval wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["method"], c["lr"])):
         lines.append(f"| {c['method']} | {c['lr']:g} | {len(c['seeds'])} | {c['accuracy_mean']:.3f} ± {c['accuracy_std']:.3f} "
+                     f"| {c['step_accuracy_mean']:.3f} ± {c['step_accuracy_std']:.3f} | {c['format_rate_mean']:.2f} "
                      f"| {c['trainable_params']:,} | {c['final_loss_mean']:.3f} | {c['train_wall_s_mean']:.0f} "
                      f"| {c['tokens_per_s_mean']:.0f} | {c['eval_wall_s_mean']:.0f} |")
     lines += ["", "Best lr per method (chosen on the test set: optimistic, equally for every method):", "",
-              "| method | lr | accuracy (mean ± std) | trainable params |", "|---|---|---|---|"]
+              "| method | lr | accuracy (mean ± std) | step accuracy (mean ± std) | trainable params |", "|---|---|---|---|---|"]
     for c in sorted(best_per_method(cells), key=lambda c: c["trainable_params"]):
-        lines.append(f"| {c['method']} | {c['lr']:g} | {c['accuracy_mean']:.3f} ± {c['accuracy_std']:.3f} | {c['trainable_params']:,} |")
+        lines.append(f"| {c['method']} | {c['lr']:g} | {c['accuracy_mean']:.3f} ± {c['accuracy_std']:.3f} "
+                     f"| {c['step_accuracy_mean']:.3f} ± {c['step_accuracy_std']:.3f} | {c['trainable_params']:,} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pmss_dist.word_problems import (TEMPLATES, evaluate_expression, extract_final_number,
+from pmss_dist.word_problems import (TEMPLATES, check_calculations, evaluate_expression, extract_final_number,
                                      make_dataset, make_problem, make_split)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,7 @@ def test_answers_are_consistent():
         assert p["answer"].splitlines()[-1] == f"#### {p['final']}"
         steps = p["answer"].count("<<")
         assert 2 <= steps <= 4, p["answer"]
+        assert check_calculations(p["answer"]) == (steps, steps), p["answer"]
     assert len({p["question"] for p in problems}) == len(problems)
 
 
@@ -101,3 +102,13 @@ def test_cli_writes_jsonl(tmp_path):
     assert all(set(r) == {"question", "answer"} for r in rows["train"] + rows["test"])
     train, test = make_dataset(30, 20, seed=2)
     assert rows["test"] == [{"question": p["question"], "answer": p["answer"]} for p in test]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("It is 3 * 4 = <<3*4=12>>12. Then <<12-5=7>>7.\n#### 7", (2, 2)),
+    ("<<3*4=13>>13 and <<10/4=2.5>>2.5", (1, 2)),          # a wrong product; an exact fraction
+    ("<<3*4=12>> <<2+=4>> <<x*2=4>> <<5/0=1>> <<1+1=two>> <<3-3=>>", (1, 6)),  # malformed ones count as wrong
+    ("The answer is 4.", (0, 0)),
+])
+def test_check_calculations(text, expected):
+    assert check_calculations(text) == expected

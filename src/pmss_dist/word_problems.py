@@ -79,7 +79,7 @@ def _shopping_change(rng: random.Random, w: _Work):
     c1 = w.calc(a, "*", p, f"The {first} cost ${{}}.")
     c2 = w.calc(b, "*", r, f"The {second} cost ${{}}.")
     total = w.calc(c1, "+", c2, f"Altogether {he} spends ${{}}.")
-    final = w.calc(bill, "-", total, f"The change is ${{}}.")
+    final = w.calc(bill, "-", total, "The change is ${}.")
     return q, f"{bill} - ({a} * {p} + {b} * {r})", final
 
 
@@ -235,6 +235,24 @@ def extract_final_number(text: str) -> str | None:
         for found in _NUMBER.finditer(text):
             pass
     return _canonical(found.group()) if found else None
+
+
+_CALCULATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+
+
+def check_calculations(text: str) -> tuple[int, int]:
+    """(correct, total) over the ``<<expression=value>>`` annotations in a worked answer: a finer
+    measure of a model's arithmetic than the final answer alone. A malformed one counts as wrong."""
+    correct = total = 0
+    for expression, value in _CALCULATION.findall(text):
+        total += 1
+        if not value.strip():
+            continue
+        try:
+            correct += evaluate_expression(expression) == Fraction(_canonical(value.strip()))
+        except (ValueError, SyntaxError, ZeroDivisionError):
+            pass
+    return correct, total
 
 
 # ---------------------------------------------------------------------------------------------
