@@ -11,8 +11,8 @@ length, global batch and process count:
   peft-lora-r8   HF transformers + peft LoRA r=8, plain torch loop (DDP for N=2), in its own venv
                  (only with --peft-python)
 
-Reported as ratios to tt-lora-r8 from the same invocation (and tokens/s also to tt-lora-r8-keep when it ran): tokens/s (wall clock, median step),
-tokens per CPU-second (CPU time of a step summed over ranks: what other jobs on a shared machine do
+Reported as ratios to tt-lora-r8 from the same invocation (tokens/s also to tt-lora-r8-keep when it
+ran): tokens/s (wall clock, median step), tokens per CPU-second (CPU time of a step summed over ranks: what other jobs on a shared machine do
 not inflate), time to first step (launch to the end of optimizer step 1: imports, model build,
 loading, skeleton selection and compilation included), and peak RSS per rank. All trainers: fp32,
 AdamW, grad clip 1.0, compile and activation checkpointing off unless --compile/--ac, one

@@ -75,11 +75,10 @@ UNSHARDED_MEMORY_FRACTION = 0.25
 
 
 def resolve_reshard_after_forward(setting: bool | str, model_bytes: int, rank_memory_bytes: int) -> bool:
-    """``parallel.reshard_after_forward`` as a bool: given, or "auto" decided by the model's size."""
+    """``parallel.reshard_after_forward`` (validated by config) as a bool: as given, or for "auto"
+    decided by the model's size."""
     if isinstance(setting, bool):
         return setting
-    if setting != "auto":
-        raise ValueError(f"parallel.reshard_after_forward={setting!r}: use auto, true or false")
     return model_bytes > UNSHARDED_MEMORY_FRACTION * rank_memory_bytes
 
 

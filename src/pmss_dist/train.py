@@ -195,11 +195,11 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     counts = apply_adapters(model, AdapterSpec(cfg.adapter.kind, tuple(cfg.adapter.targets),
                                                cfg.adapter.rank, cfg.adapter.alpha))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    reshard = resolve_reshard_after_forward(cfg.parallel.reshard_after_forward, model_bytes,
-                                            rank_memory_bytes(env.device))
+    memory = rank_memory_bytes(env.device)
+    reshard = resolve_reshard_after_forward(cfg.parallel.reshard_after_forward, model_bytes, memory)
     if env.is_main and cfg.parallel.reshard_after_forward == "auto":
         print(f"parallel.reshard_after_forward=auto -> {str(reshard).lower()} (model {model_bytes / 2**30:.2f} GiB, "
-              f"rank memory {rank_memory_bytes(env.device) / 2**30:.0f} GiB)", file=sys.stderr, flush=True)
+              f"rank memory {memory / 2**30:.0f} GiB)", file=sys.stderr, flush=True)
     parallelize(model, env.mesh, param_dtype=dtype, compile=cfg.parallel.compile,
                 activation_checkpointing=cfg.parallel.activation_checkpointing, reshard_after_forward=reshard)
     model.to_empty(device=env.device)
