@@ -133,7 +133,7 @@ def evaluate(args, model: Path, out: Path) -> dict:
     correct, total = map(sum, zip(*(check_calculations(g) for g in generated))) if generated else (0, 0)
     return {"accuracy": result["summary"]["accuracy"], "n": result["summary"]["n"], "eval_wall_s": result.get("wall_s"),
             # Finer than exact match: right <<a*b=c>> steps among those generated, and answers in the trained format.
-            "step_accuracy": correct / total if total else 0.0, "steps_per_answer": total / len(generated),
+            "step_accuracy": correct / total if total else 0.0,
             "format_rate": sum(bool(FINAL_LINE.search(g)) for g in generated) / len(generated)}
 
 
@@ -195,10 +195,12 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def best_per_method(cells: list[dict]) -> list[dict]:
     """Each method's lr cell with the highest mean accuracy; a tie goes to the lower late loss."""
+    def score(c: dict) -> tuple[float, float]:
+        return c["accuracy_mean"], -c["late_loss_mean"]
+
     best: dict[str, dict] = {}
     for c in cells:
-        key = (c["accuracy_mean"], -c["late_loss_mean"])
-        if c["method"] not in best or key > (best[c["method"]]["accuracy_mean"], -best[c["method"]]["late_loss_mean"]):
+        if c["method"] not in best or score(c) > score(best[c["method"]]):
             best[c["method"]] = c
     return list(best.values())
 
