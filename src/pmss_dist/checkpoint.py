@@ -202,8 +202,9 @@ def extract_adapter(path: str | Path, out_dir: str | Path) -> Path:
     if "config" not in extra:
         raise CheckpointError(f"{path} predates configs in checkpoints: export the finished run instead")
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    adapter_names = {name for names in ADAPTER_TENSORS.values() for name in names}
     state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in metadata.items()
-             if key.startswith("model.") and key.rsplit(".", 1)[-1] in sum(ADAPTER_TENSORS.values(), ())}
+             if key.startswith("model.") and key.rsplit(".", 1)[-1] in adapter_names}
     if not state:
         raise CheckpointError(f"{path} holds no adapter tensors")
     dcp.load(state, checkpoint_id=path, no_dist=True)
