@@ -28,10 +28,9 @@ Methods (--methods; trainable parameters on SmolLM2-135M, all 7 projections of 3
   lora_r8          LoRA r=8, alpha=16 (2,442,240)
   lora_r16         LoRA r=16, alpha=32 (4,884,480)
   pmss_qdeim_k108, pmss_norm_k108, pmss_random_k108: skeleton-selection ablation at k=108
-Full fine-tuning is not a method here: the trainer trains adapters only (frozen base, FSDP2
-shards of frozen weights); a full-FT baseline needs another trainer.
+  full_ft          full fine-tuning, every weight (134,515,008), the ceiling (configs/smollm2_full.yaml)
 
-Learning rates are per adapter kind (--lrs pmss=... lora=...): every method runs at every lr of
+Learning rates are per adapter kind (--lrs pmss=... lora=... full=...): every method runs at every lr of
 its kind. The table reports each (method, lr) cell; the "best lr" rows pick, per method, the lr
 with the highest mean test accuracy, which favours every method equally but is optimistic (the
 test set chooses the lr); a strict protocol would hold out a validation split for that.
@@ -65,8 +64,10 @@ METHODS = {
     "pmss_qdeim_k108": ("configs/smollm2_pmss.yaml", ["adapter.rank=108", "adapter.alpha=108", "adapter.method=qdeim"]),
     "pmss_norm_k108": ("configs/smollm2_pmss.yaml", ["adapter.rank=108", "adapter.alpha=108", "adapter.method=norm"]),
     "pmss_random_k108": ("configs/smollm2_pmss.yaml", ["adapter.rank=108", "adapter.alpha=108", "adapter.method=random"]),
+    "full_ft": ("configs/smollm2_full.yaml", []),
 }
-DEFAULT_LRS = {"pmss": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3]}  # pmss 5e-3 diverged (RESULTS.md)
+# pmss 5e-3 diverged (RESULTS.md)
+DEFAULT_LRS = {"pmss": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4]}
 FINAL_LINE = re.compile(r"####\s*-?\$?\d")  # the trained answer format's last line
 LATE_STEPS = 10  # "late loss": the mean training loss of a run's last steps
 STEP_LINE = re.compile(r"^\[step (\d+)/\d+ .*tokens_per_s=([0-9.e+-]+)")
@@ -81,7 +82,7 @@ def parse_lrs(items: list[str]) -> dict[str, list[float]]:
     for item in items:
         kind, sep, values = item.partition("=")
         if not sep or kind not in lrs:
-            raise SystemExit(f"--lrs {item!r}: expected pmss=LR[,LR...] or lora=LR[,LR...]")
+            raise SystemExit(f"--lrs {item!r}: expected KIND=LR[,LR...], KIND one of {sorted(lrs)}")
         lrs[kind] = [float(v) for v in values.split(",") if v]
     return lrs
 
@@ -240,12 +241,12 @@ def plot(path: Path, base: dict, runs: list[dict], cells: list[dict]) -> None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for c in best_per_method(cells):
-        marker = "o" if c["method"].startswith("pmss") else "s"
+        marker = {"pmss": "o", "lora": "s", "full": "^"}[kind_of(c["method"])]
         ax1.errorbar(c["trainable_params"] / 1e6, c["accuracy_mean"], yerr=c["accuracy_std"], fmt=marker, capsize=3,
                      label=f"{c['method']} (lr {c['lr']:g})")
     ax1.axhline(base["accuracy"], color="gray", linestyle="--", label="base model")
-    ax1.set_xlim(0, 1.25 * max(c["trainable_params"] for c in cells) / 1e6)  # methods at one budget stay apart from 0
-    ax1.set_xlabel("trainable parameters (M)")
+    ax1.set_xscale("log")  # adapters at 2-5M beside full fine-tuning at 135M
+    ax1.set_xlabel("trainable parameters (M, log scale)")
     ax1.set_ylabel(f"exact match (n={base['n']})")
     ax1.set_title("held-out accuracy (best lr per method, mean ± std over seeds)")
     ax1.legend(fontsize=7)
@@ -273,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--lrs", nargs="*", default=[], help="pmss=LR[,LR..] lora=LR[,LR..] "
-                   f"(default pmss={DEFAULT_LRS['pmss']} lora={DEFAULT_LRS['lora']})")
+    p.add_argument("--lrs", nargs="*", default=[], help="pmss=LR[,LR..] lora=LR[,LR..] full=LR[,LR..] "
+                   f"(default {' '.join(f'{k}={v}' for k, v in DEFAULT_LRS.items())})")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
     p.add_argument("--test-limit", type=int, default=0, help="score the first N test problems (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answers are <= 123 tokens")

@@ -8,7 +8,9 @@
 Merged: the base checkpoint with W + s·C·U·R (or W + s·B·A) folded into every adapted weight,
 in the base's file layout, index and dtypes, config and tokenizer files copied. Streams one
 tensor at a time from the base files. PEFT: adapter_config.json + adapter_model.safetensors
-for ``PeftModel.from_pretrained(base, out)``; keep it in its own directory.
+for ``PeftModel.from_pretrained(base, out)``; keep it in its own directory. A full fine-tuning
+run (``adapter.kind: full``) has no adapter: its newest checkpoint's weights are written in the
+base's layout instead, one base file at a time.
 """
 
 from __future__ import annotations
@@ -25,32 +27,45 @@ try:
     import pmss_dist  # noqa: F401
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from pmss_dist.adapter_io import ADAPTER_META
-from pmss_dist.checkpoint import CheckpointError, CheckpointManager, extract_adapter
-from pmss_dist.hf_export import export_merged, export_peft
+from pmss_dist.adapters import FULL
+from pmss_dist.checkpoint import CheckpointError, CheckpointManager, extract_adapter, verify
+from pmss_dist.hf_export import export_full, export_merged, export_peft
 
 BUILTIN_TINY = "builtin:tiny"  # train.py writes that base to <run>/base_model
 
 
-def run_inputs(run_dir: Path, scratch: Path) -> tuple[Path, Path]:
-    """``(adapter_dir, base_dir)`` of a run: its final adapter when it finished (summary.json is
-    written last), else the adapter of its newest complete step checkpoint, extracted to ``scratch``."""
+def _base_dir(run_dir: Path, model_path: str) -> Path:
+    return run_dir / "base_model" if model_path == BUILTIN_TINY else Path(model_path)
+
+
+def run_inputs(run_dir: Path, scratch: Path) -> tuple[Path, Path, bool]:
+    """``(weights, base_dir, full)`` of a run. An adapter run gives its final adapter when it
+    finished (summary.json is written last), else the adapter of its newest complete step
+    checkpoint, extracted to ``scratch``. A full fine-tuning run gives that checkpoint itself."""
     config_path, adapter_dir = run_dir / "config.json", run_dir / "adapter"
-    if (run_dir / "summary.json").is_file() and adapter_dir.is_dir() and config_path.is_file():
+    finished = (run_dir / "summary.json").is_file() and config_path.is_file()
+    if finished:
         try:
-            model_path = json.loads(config_path.read_text())["model"]["path"]
+            config = json.loads(config_path.read_text())
+            model_path, kind = config["model"]["path"], config["adapter"]["kind"]
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{config_path} has no model.path: not a pmss_dist run config ({err})") from err
-    else:
-        newest = CheckpointManager(run_dir / "checkpoints", keep_last=1, rank=0).newest_valid()
-        if newest is None:
-            raise FileNotFoundError(f"{run_dir} is neither a finished run (summary.json, adapter/) nor has a "
-                                    "complete checkpoint under checkpoints/: nothing to export")
+            raise ValueError(f"{config_path} has no model.path or adapter.kind: not a pmss_dist run config "
+                             f"({err})") from err
+        if kind != FULL and adapter_dir.is_dir():
+            return adapter_dir, _base_dir(run_dir, model_path), False
+    newest = CheckpointManager(run_dir / "checkpoints", keep_last=1, rank=0).newest_valid()
+    if newest is None:
+        raise FileNotFoundError(f"{run_dir} is neither a finished run (summary.json, adapter/) nor has a "
+                                "complete checkpoint under checkpoints/: nothing to export")
+    config = verify(newest)["extra"].get("config")
+    if config is None:
+        raise CheckpointError(f"{newest} predates configs in checkpoints: export the finished run instead")
+    base_dir = _base_dir(run_dir, config["model"]["path"])
+    if not finished:
         print(f"{run_dir} has not finished: exporting its checkpoint {newest.name}", file=sys.stderr, flush=True)
-        adapter_dir = extract_adapter(newest, scratch / "adapter")
-        model_path = json.loads((adapter_dir / ADAPTER_META).read_text())["base_model"]
-    base_dir = run_dir / "base_model" if model_path == BUILTIN_TINY else Path(model_path)
-    return adapter_dir, base_dir
+    if config["adapter"]["kind"] == FULL:
+        return newest, base_dir, True
+    return extract_adapter(newest, scratch / "adapter"), base_dir, False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="pmss-export-"))
     try:
-        adapter_dir, base_dir = run_inputs(args.run, scratch) if args.run else (args.adapter, args.base)
-        print(f"adapter {adapter_dir}, base {base_dir}", file=sys.stderr, flush=True)
-        if args.peft:
-            export_peft(adapter_dir, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+        weights, base_dir, full = run_inputs(args.run, scratch) if args.run else (args.adapter, args.base, False)
+        print(f"{'checkpoint' if full else 'adapter'} {weights}, base {base_dir}", file=sys.stderr, flush=True)
+        if full:
+            if args.peft:
+                raise ValueError(f"{args.run} is a full fine-tuning run (adapter.kind: full): it has no adapter "
+                                 "to write as PEFT; export it without --peft")
+            export_full(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+        elif args.peft:
+            export_peft(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
         else:
-            export_merged(adapter_dir, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+            export_merged(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
     except (FileNotFoundError, KeyError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

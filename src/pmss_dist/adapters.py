@@ -34,7 +34,9 @@ TARGET_ALIASES = {
     "up_proj": "w3",
     "down_proj": "w2",
 }
-ADAPTER_KINDS = ("pmss", "lora")
+# "full" is no adapter: every base weight trains, as the ceiling the adapters are measured against.
+FULL = "full"
+ADAPTER_KINDS = ("pmss", "lora", FULL)
 
 
 def _merge_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -154,11 +156,16 @@ def _torchtune_names(targets) -> set[str]:
 
 def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, int]:
     """Swap the targeted ``nn.Linear`` layers of a torchtune decoder for adapter layers, freeze
-    everything else, and return ``{"trainable": .., "total": ..}`` parameter counts.
+    everything else, and return ``{"trainable": .., "total": ..}`` parameter counts. Kind ``full``
+    swaps nothing and makes every parameter trainable (targets, rank and alpha do not apply).
 
     Works on the meta device (the distributed path) and on real weights (copied over). PMSS
     layers still need `assign_skeletons` before training.
     """
+    if spec.kind == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return count_parameters(model)
     if spec.kind not in ADAPTER_CLASSES:
         raise ValueError(f"adapter.kind: unknown adapter {spec.kind!r}; choose from {list(ADAPTER_KINDS)}")
     if spec.rank <= 0:

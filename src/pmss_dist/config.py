@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: str = "pmss"  # pmss | lora
+    kind: str = "pmss"  # pmss | lora | full (no adapter: every weight trains; rank, alpha, targets unused)
     targets: list[str] = field(default_factory=lambda: list(TARGET_ALIASES))
     rank: int = 16  # PMSS: k (skeleton size, core is k x k); LoRA: r
     alpha: float = 16.0  # update scale s = alpha / rank

@@ -40,7 +40,7 @@ _BIAS_KEYS = {"layers.{}.attn.q_proj.bias": "model.layers.{}.self_attn.q_proj.bi
               "layers.{}.attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias"}
 TUNE_TO_HF.update(_BIAS_KEYS)
 # Checkpoint tensors that hold nothing the model needs (old Llama saves carry RoPE frequencies).
-_DERIVED_HF_KEYS = {hf for hf, tune in _FROM_HF.items() if tune is None}
+DERIVED_HF_KEYS = {hf for hf, tune in _FROM_HF.items() if tune is None}
 # Files of a checkpoint directory besides the weights that a copy of it must carry.
 SIDE_FILES = ("config.json", "generation_config.json", INDEX_FILE, "special_tokens_map.json",
               "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -163,7 +163,7 @@ def match_keys(tune_names, files: dict[str, Path], hf_config: dict, ckpt_dir: Pa
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
                        f"e.g. {missing[:3]}: config.json does not describe these weights")
     used = set(pairs.values())
-    unused = [k for k in files if k not in used and _template(k)[0] not in _DERIVED_HF_KEYS
+    unused = [k for k in files if k not in used and _template(k)[0] not in DERIVED_HF_KEYS
               and not (k == "lm_head.weight" and _tied(hf_config))]
     if unused:
         where = files[unused[0]]

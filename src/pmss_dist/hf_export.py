@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints out: the base with the adapter folded in, or the adapter as PEFT LoRA.
+"""Hugging Face checkpoints out: the base with the adapter folded in, the adapter as PEFT LoRA, or
+the weights of a full fine-tuning checkpoint.
 
 Merged export streams from the base files and needs nothing else: PMSS's ``C = W[:, J]`` and
 ``R = W[I, :]`` are slices of the base weight itself, so ``W' = W + s·C·U·R`` is computed from
@@ -11,7 +12,8 @@ be divided among ranks (``rank``/``world_size``).
 Layouts. Indices and factors are saved in torchtune's layout, whose q/k rows are a permutation of
 HF's (``perm[t]`` = HF row of torchtune row ``t``). Columns are not permuted, so in HF layout
 ``C = W_hf[:, J]`` and ``R = W_hf[perm[I], :]``: the update needs no permuting back at all. A
-LoRA ``B`` has its rows in torchtune order: row ``t`` goes to HF row ``perm[t]``.
+LoRA ``B`` has its rows in torchtune order: row ``t`` goes to HF row ``perm[t]``, as do the rows of
+a fully fine-tuned q/k weight.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Callable
+
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from pmss_dist.adapter_io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
-from pmss_dist.adapters import ADAPTER_TENSORS, TARGET_ALIASES
-from pmss_dist.checkpoint import base_fingerprint
+from pmss_dist.adapters import ADAPTER_TENSORS, FULL, TARGET_ALIASES
+from pmss_dist.checkpoint import CheckpointError, base_fingerprint, verify
 from pmss_dist.files import atomic_write
-from pmss_dist.hf_checkpoint import (INDEX_FILE, copy_side_files, open_safetensors, permutation_for,
+from pmss_dist.hf_checkpoint import (DERIVED_HF_KEYS, INDEX_FILE, copy_side_files, open_safetensors, permutation_for,
                                      read_hf_config, row_permutations, tune_key_to_hf, weight_files)
 
 PEFT_CONFIG = "adapter_config.json"
@@ -175,27 +180,41 @@ def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
             for key, v in header.items() if key != "__metadata__"}
 
 
-def _write_merged_file(src: Path, dst: Path, updates: list[LayerUpdate]) -> None:
-    """``dst`` = ``src`` with each update's tensor replaced by its merged value, byte for byte
-    elsewhere; one tensor in memory at a time. Written under a temporary name, then renamed."""
+def _write_replaced_file(src: Path, dst: Path, replace: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """``dst`` = ``src`` with each tensor named in ``replace`` overwritten by ``replace[key](base
+    tensor)`` (same shape and dtype), byte for byte elsewhere; one tensor in memory at a time.
+    Written under a temporary name, then renamed."""
     if sys.byteorder != "little":
         raise ExportError("safetensors data is little-endian; in-place merge needs a little-endian host")
 
     def write(tmp: str) -> None:
         shutil.copyfile(src, tmp)
-        if not updates:
+        if not replace:
             return
         offsets = _safetensors_offsets(src)
         with open_safetensors(src) as f, open(tmp, "r+b") as out:
-            for update in updates:
-                merged = update.merged(f.get_tensor(update.hf_key)).contiguous()
-                start, end = offsets[update.hf_key]
-                data = merged.view(torch.uint8).numpy()
-                assert data.nbytes == end - start, f"{update.hf_key}: merged size differs from the base's"
+            for hf_key, new_value in replace.items():
+                value = new_value(f.get_tensor(hf_key)).contiguous()
+                start, end = offsets[hf_key]
+                data = value.view(torch.uint8).numpy()
+                assert data.nbytes == end - start, f"{hf_key}: new size differs from the base's"
                 out.seek(start)
                 out.write(data.tobytes())
 
     atomic_write(dst, write)
+
+
+def _prepare_out_dir(out_dir: Path, base_dir: Path, paths: list[Path]) -> None:
+    """Create ``out_dir``, refusing one that holds adapter files or weight files of another model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ours = {p.name for p in paths}
+    for entry in out_dir.iterdir():
+        if entry.name in ADAPTER_FILES:
+            raise ExportError(f"{entry} exists: adapter files beside merged weights get applied twice "
+                              "by transformers; use a directory without them")
+        if entry.name.endswith(".safetensors") and entry.name not in ours:
+            raise ExportError(f"{entry} is not a file of {base_dir} (left from another export?); "
+                              "use an empty directory")
 
 
 def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
@@ -208,28 +227,93 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
     _check_out_dir(out_dir, base_dir, adapter_dir)
     _, updates, files = _load(adapter_dir, base_dir, check_base)
     paths = sorted(set(files.values()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ours = {p.name for p in paths}
-    for entry in out_dir.iterdir():
-        if entry.name in ADAPTER_FILES:
-            raise ExportError(f"{entry} exists: adapter files beside merged weights get applied twice "
-                              "by transformers; use a directory without them")
-        if entry.name.endswith(".safetensors") and entry.name not in ours:
-            raise ExportError(f"{entry} is not a file of {base_dir} (left from another export?); "
-                              "use an empty directory")
-    by_file: dict[Path, list[LayerUpdate]] = {}
+    _prepare_out_dir(out_dir, base_dir, paths)
+    by_file: dict[Path, dict] = {}
     for hf_key, update in updates.items():
-        by_file.setdefault(files[hf_key], []).append(update)
+        by_file.setdefault(files[hf_key], {})[hf_key] = update.merged
     mine = paths[rank::world_size]
     for i, path in enumerate(mine, 1):
-        _write_merged_file(path, out_dir / path.name, by_file.get(path, []))
+        _write_replaced_file(path, out_dir / path.name, by_file.get(path, {}))
         _progress(progress, f"export_merged: [{i}/{len(mine)}] {path.name}: "
-                            f"{len(by_file.get(path, []))} adapted weight(s) merged")
+                            f"{len(by_file.get(path, {}))} adapted weight(s) merged")
     if rank == 0:
         copied = copy_side_files(base_dir, out_dir)
         _progress(progress, f"export_merged: {len(updates)} weights merged into {out_dir} "
                             f"(copied {', '.join(copied)})")
     return out_dir
+
+
+def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                *, rank: int = 0, world_size: int = 1, check_base: bool = True) -> Path:
+    """Write the weights of a full fine-tuning step checkpoint (``adapter.kind: full``) to ``out_dir``
+    in ``base_dir``'s file layout, index and dtypes, config and tokenizer files copied, as
+    `export_merged` does with an adapter. Reads the DCP files in this process (no process group);
+    peak memory is one base file's tensors in fp32. Files are divided among ranks the same way."""
+    checkpoint_dir, base_dir, out_dir = Path(checkpoint_dir), Path(base_dir), Path(out_dir)
+    _check_out_dir(out_dir, base_dir, checkpoint_dir)
+    try:
+        extra = verify(checkpoint_dir)["extra"]
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
+    kind = (extra.get("config") or {}).get("adapter", {}).get("kind")
+    if kind != FULL:
+        raise ExportError(f"{checkpoint_dir} is a checkpoint of a {kind or 'pre-config'} run, not of full "
+                          "fine-tuning: export its adapter (tools/export_hf.py --run) instead")
+    recorded = extra.get("base_fingerprint")
+    if check_base and recorded and recorded != base_fingerprint(base_dir):
+        raise ExportError(f"{checkpoint_dir} was trained on a base with fingerprint {recorded}, {base_dir} has "
+                          f"{base_fingerprint(base_dir)}: pass the original base")
+    hf_config = read_hf_config(base_dir)
+    files = weight_files(base_dir)
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    tune_of: dict[str, str] = {}  # HF key -> torchtune key
+    for key in metadata:
+        if not key.startswith("model."):
+            continue
+        tune_key = key.removeprefix("model.")
+        try:
+            tune_of[tune_key_to_hf(tune_key)] = tune_key
+        except KeyError as err:
+            raise ExportError(f"{checkpoint_dir}: {err}") from err
+    unknown = sorted(set(tune_of) - set(files))
+    untrained = sorted(set(files) - set(tune_of) - DERIVED_HF_KEYS)
+    if unknown or untrained:
+        raise ExportError(f"{checkpoint_dir} does not hold the weights of {base_dir} (not in the base: {unknown[:3]}; "
+                          f"not in the checkpoint: {untrained[:3]}): pass the base it was trained on")
+    perms = row_permutations(hf_config)
+    paths = sorted(set(files.values()))
+    _prepare_out_dir(out_dir, base_dir, paths)
+    mine = paths[rank::world_size]
+    for i, path in enumerate(mine, 1):
+        keys = [hf_key for hf_key, file in files.items() if file == path and hf_key in tune_of]
+        state = {f"model.{tune_of[k]}": torch.empty(tuple(metadata[f"model.{tune_of[k]}"].size),
+                                                    dtype=metadata[f"model.{tune_of[k]}"].properties.dtype)
+                 for k in keys}
+        dcp.load(state, checkpoint_id=checkpoint_dir, no_dist=True)
+        replace = {k: _trained_weight(k, state[f"model.{tune_of[k]}"], permutation_for(tune_of[k], perms), path)
+                   for k in keys}
+        _write_replaced_file(path, out_dir / path.name, replace)
+        _progress(progress, f"export_full: [{i}/{len(mine)}] {path.name}: {len(keys)} trained weight(s)")
+    if rank == 0:
+        copied = copy_side_files(base_dir, out_dir)
+        _progress(progress, f"export_full: {len(tune_of)} weights of {checkpoint_dir.name} in {out_dir} "
+                            f"(copied {', '.join(copied)})")
+    return out_dir
+
+
+def _trained_weight(hf_key: str, value: torch.Tensor, perm: torch.Tensor | None, where: Path):
+    """A ``replace`` entry for `_write_replaced_file`: the trained tensor in HF row order, cast to
+    the base tensor's dtype after checking that it has the base tensor's shape."""
+    if perm is not None:
+        value = torch.empty_like(value).index_copy_(0, perm, value)  # HF row perm[t] <- torchtune row t
+
+    def new_value(base: torch.Tensor) -> torch.Tensor:
+        if value.shape != base.shape:
+            raise ExportError(f"trained {hf_key} has shape {tuple(value.shape)}, {where} has "
+                              f"{tuple(base.shape)}: the checkpoint belongs to another base model")
+        return value.to(base.dtype)
+
+    return new_value
 
 
 def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = False,

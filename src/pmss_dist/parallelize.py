@@ -5,6 +5,8 @@ Frozen base weights are sharded by ``fully_shard`` (one group per block, plus th
 adapters' trainable tensors are passed as ``ignored_params``: every rank keeps a full fp32 copy
 and `all_reduce_grads` sums their gradients. That is one collective of a few MB per step, and
 it keeps cores replicated rather than split unevenly on dim 0 as FSDP2 would do with them.
+Full fine-tuning (no adapter layers) trains the sharded weights themselves: FSDP2 reduce-scatters
+their gradients, and `clip_grad_norm` takes the norm over shards and replicated tensors alike.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from pmss_dist.adapters import adapter_layers
 
 # Selective AC keeps the outputs of the expensive ops and recomputes the cheap elementwise ones
 # (norms, activations, RoPE): most of full AC's memory saving for a fraction of its recompute.
@@ -49,7 +54,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
                 activation_checkpointing: str, reshard_after_forward: bool) -> nn.Module:
     """Shard ``model`` (a torchtune ``TransformerDecoder``, on meta or real weights) in place."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    trainable = {p for p in model.parameters() if p.requires_grad}
+    replicated = set(replicated_parameters(model))
     for i, block in enumerate(model.layers):
         # A block with nothing to train has no backward through its weights: AC would only
         # add recompute (and trips a compile+AC bug on fully frozen blocks, see FIELD-NOTES).
@@ -58,12 +63,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
         if compile:
             block.compile(fullgraph=True)
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
-                    ignored_params=trainable & set(block.parameters()))
+                    ignored_params=replicated & set(block.parameters()))
         model.layers[i] = block
     # The root group holds embeddings, final norm and output: gathered for the first and last
     # use of the step, so keep them gathered (no reshard) between forward and backward.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False,
-                ignored_params=trainable)
+                ignored_params=replicated)
     return model
 
 
@@ -94,10 +99,16 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters' trainable tensors: kept whole on every rank, outside FSDP."""
+    return [p for layer in adapter_layers(model).values() for p in layer.parameters() if p.requires_grad]
+
+
 def all_reduce_grads(params: list[nn.Parameter], group=None) -> None:
     """Sum the replicated adapters' gradients over ranks in one flat collective. The loss is
-    already divided by the global token count, so the sum is the global batch's gradient."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    already divided by the global token count, so the sum is the global batch's gradient.
+    ``params`` must not hold FSDP-sharded parameters: FSDP has reduced those already."""
+    if not params or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -106,3 +117,22 @@ def all_reduce_grads(params: list[nn.Parameter], group=None) -> None:
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g)
         offset += g.numel()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global gradient norm of ``params`` (FSDP-sharded, replicated or both), and with
+    ``max_norm > 0`` every gradient scaled so that the norm is at most ``max_norm``. A sharded
+    gradient's norm is a partial result until reduced over the mesh, and it cannot be stacked with
+    plain tensors, so the two groups are measured apart and combined."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    squares = []
+    if sharded:
+        squares.append(torch.nn.utils.get_total_norm(sharded).full_tensor() ** 2)
+    if plain:
+        squares.append(torch.nn.utils.get_total_norm(plain) ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

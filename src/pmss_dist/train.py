@@ -23,18 +23,19 @@ from torchtune.training import set_default_dtype
 from pmss_dist import checkpoint as ckpt
 from pmss_dist import data as data_lib
 from pmss_dist.adapter_io import save_adapter
-from pmss_dist.adapters import AdapterSpec, PMSSLinear, adapter_layers, apply_adapters, assign_skeletons, reset_adapters
+from pmss_dist.adapters import (FULL, AdapterSpec, PMSSLinear, adapter_layers, apply_adapters, assign_skeletons,
+                                reset_adapters)
 from pmss_dist.builtin import write_tiny_checkpoint
 from pmss_dist.config import TrainConfig, check_world_size, to_dict
 from pmss_dist.dist_env import DistEnv, init_distributed, shutdown
 from pmss_dist.evaluation import evaluate_loss
 from pmss_dist.files import atomic_write
 from pmss_dist.hf_checkpoint import load_hf_weights, read_hf_config
-from pmss_dist.hf_export import export_merged
+from pmss_dist.hf_export import export_full, export_merged
 from pmss_dist.metrics import MetricsLogger, peak_flops, peak_memory_gib, peft_flops_per_token
 from pmss_dist.models import build_model, init_rope_caches
-from pmss_dist.parallelize import (all_reduce_grads, parallelize, rank_memory_bytes, resolve_reshard_after_forward,
-                                   trainable_parameters)
+from pmss_dist.parallelize import (all_reduce_grads, clip_grad_norm, parallelize, rank_memory_bytes,
+                                   replicated_parameters, resolve_reshard_after_forward, trainable_parameters)
 
 BUILTIN_TINY = "builtin:tiny"
 
@@ -96,8 +97,13 @@ def lr_lambda(cfg: TrainConfig):
 
 def _flops_per_token(model, hf_config: dict, seq_len: int) -> float:
     frozen = adapter = 0
+    adapter_tensors = set(replicated_parameters(model))
     for name, p in model.named_parameters():
-        if p.dim() == 2 and not p.requires_grad and "tok_embeddings" not in name:
+        if p.dim() != 2 or "tok_embeddings" in name or p in adapter_tensors:
+            continue
+        if p.requires_grad:  # full fine-tuning: a trained GEMM costs 6N like an adapter's
+            adapter += 2 * p.numel()
+        else:
             frozen += p.numel()
     for layer in adapter_layers(model).values():
         if isinstance(layer, PMSSLinear):  # core + one skeleton GEMM on the narrower side
@@ -114,7 +120,8 @@ class Run:
     cfg: TrainConfig
     env: DistEnv
     model: torch.nn.Module
-    params: list
+    params: list  # everything the optimizer steps
+    replicated: list  # the adapters' tensors among them, whose gradients `all_reduce_grads` sums
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: data_lib.GlobalBatchSampler
@@ -189,8 +196,11 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     hf_config = read_hf_config(base_dir)
     fingerprint = ckpt.base_fingerprint(base_dir)
     dtype = getattr(torch, cfg.model.dtype)
+    # Full fine-tuning keeps fp32 master weights (sharded) and computes in model.dtype through
+    # FSDP's mixed precision; adapters keep their own fp32 tensors over a frozen base in model.dtype.
+    storage_dtype = torch.float32 if cfg.adapter.kind == FULL else dtype
 
-    with torch.device("meta"), set_default_dtype(dtype):
+    with torch.device("meta"), set_default_dtype(storage_dtype):
         model = build_model(hf_config, max_seq_len=cfg.data.seq_len)
     counts = apply_adapters(model, AdapterSpec(cfg.adapter.kind, tuple(cfg.adapter.targets),
                                                cfg.adapter.rank, cfg.adapter.alpha))
@@ -216,8 +226,8 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     sampler = data_lib.GlobalBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed)
     manager = ckpt.CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, env.rank,
                                      cfg.checkpoint.async_save)
-    run = Run(cfg, env, model, params, optimizer, scheduler, sampler, dataset, tokenizer, manager,
-              base_dir, hf_config, fingerprint, counts, grad_accum)
+    run = Run(cfg, env, model, params, replicated_parameters(model), optimizer, scheduler, sampler, dataset,
+              tokenizer, manager, base_dir, hf_config, fingerprint, counts, grad_accum)
     if cfg.data.eval_every:
         eval_set = data_lib.build_eval_dataset(cfg.data, tokenizer, seed=cfg.seed)
         run.eval_batches = data_lib.eval_micro_batches(
@@ -264,16 +274,13 @@ def train_step(run: Run) -> tuple[float, float, float]:
                                ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
         (loss / global_targets).backward()
         loss_sum += loss.detach()
-    all_reduce_grads(run.params)
+    all_reduce_grads(run.replicated)
     dist.all_reduce(loss_sum)
     step_loss = loss_sum.item() / global_targets
     if not math.isfinite(step_loss):
         raise NonFiniteLossError(f"loss is {step_loss} at step {run.sampler.step}: stopped before the optimizer "
                                  "step, the last checkpoint is untouched; lower optim.lr or check the data")
-    if cfg.optim.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in run.params]))
+    grad_norm = clip_grad_norm(run.params, cfg.optim.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
@@ -339,18 +346,25 @@ def fit(run: Run, stop: StopRequest) -> dict:
                "trainable_params": run.counts["trainable"], "total_params": run.counts["total"],
                "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind,
                "eval_losses": run.eval_losses}
+    full = cfg.adapter.kind == FULL
     if env.is_main:
-        meta = {"kind": cfg.adapter.kind, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
-                "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(run.base_dir),
-                "base_fingerprint": run.fingerprint}
-        save_adapter(run.model, out / "adapter", meta)
+        if not full:  # a full fine-tuning run's weights are its checkpoints (and merged/)
+            meta = {"kind": cfg.adapter.kind, "rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha,
+                    "targets": cfg.adapter.targets, "method": cfg.adapter.method, "base_model": str(run.base_dir),
+                    "base_fingerprint": run.fingerprint}
+            save_adapter(run.model, out / "adapter", meta)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(to_dict(cfg), indent=2)))
     dist.barrier()
     if cfg.export_merged and not stopped_by:
-        # The servable result: the base with the adapter folded in, in the base's own file layout.
-        # Each rank writes a share of the weight files, one tensor in memory at a time.
-        export_merged(out / "adapter", run.base_dir, out / "merged", progress=env.is_main,
-                      rank=env.rank, world_size=env.world_size)
+        # The servable result in the base's own file layout: the base with the adapter folded in,
+        # or the fully trained weights read back from the final checkpoint. Each rank writes a
+        # share of the weight files, one tensor (adapter) or one file (full) in memory at a time.
+        if full:
+            export_full(run.manager.root / ckpt.step_name(cfg.max_steps), run.base_dir, out / "merged",
+                        progress=env.is_main, rank=env.rank, world_size=env.world_size)
+        else:
+            export_merged(out / "adapter", run.base_dir, out / "merged", progress=env.is_main,
+                          rank=env.rank, world_size=env.world_size)
         dist.barrier()
     if env.is_main:  # written last: its presence means everything above is on disk
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
