@@ -16,6 +16,8 @@ The full experiment (a GPU; see docs/RESULTS.md):
 
   python bench/pmss_vs_lora.py --out runs/smollm2/bench
 
+Tables and plot of whatever has run so far (trains nothing): add --report-only.
+
 A CPU pilot (docs/RESULTS.md has the exact one that was run):
 
   python bench/pmss_vs_lora.py --out runs/smollm2/pilot --methods pmss_deim_k108 lora_r8 \
@@ -138,9 +140,13 @@ def evaluate(args, model: Path, out: Path) -> dict:
             "format_rate": sum(bool(FINAL_LINE.search(g)) for g in generated) / len(generated)}
 
 
+def run_dir_of(args, method: str, lr: float, seed: int) -> Path:
+    return args.out / "runs" / f"{method}_lr{lr:g}_seed{seed}"
+
+
 def train(args, method: str, lr: float, seed: int) -> dict:
     config, overrides = METHODS[method]
-    run_dir = args.out / "runs" / f"{method}_lr{lr:g}_seed{seed}"
+    run_dir = run_dir_of(args, method, lr, seed)
     summary_file = run_dir / "summary.json"
     log = args.out / "logs" / f"{run_dir.name}.train.log"
     if not summary_file.is_file():
@@ -180,7 +186,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for (method, lr), rs in cells.items():
         acc, acc_sd = mean_std([r["accuracy"] for r in rs])
         step_acc, step_acc_sd = mean_std([r["step_accuracy"] for r in rs])
-        rows.append({"method": method, "lr": lr, "seeds": [r["seed"] for r in rs], "accuracy_mean": acc,
+        rows.append({"method": method, "lr": lr, "seeds": [r["seed"] for r in rs],
+                     "accuracy_by_seed": {r["seed"]: r["accuracy"] for r in rs},
+                     "late_loss_by_seed": {r["seed"]: statistics.fmean(r["losses"][-LATE_STEPS:]) for r in rs},
+                     "accuracy_mean": acc,
                      "accuracy_std": acc_sd, "step_accuracy_mean": step_acc, "step_accuracy_std": step_acc_sd,
                      "format_rate_mean": statistics.fmean(r["format_rate"] for r in rs),
                      "trainable_params": rs[0]["trainable_params"],
@@ -195,15 +204,22 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def best_per_method(cells: list[dict]) -> list[dict]:
-    """Each method's lr cell with the highest mean accuracy; a tie goes to the lower late loss."""
-    def score(c: dict) -> tuple[float, float]:
-        return c["accuracy_mean"], -c["late_loss_mean"]
-
-    best: dict[str, dict] = {}
+    """Each method's lr cell with the highest mean accuracy over the seeds that every lr of the
+    method ran (all of them in a full grid; seed 0 when the grid ran on seed 0 and only the chosen
+    lr on more seeds); a tie goes to the lower late loss on those seeds."""
+    by_method: dict[str, list[dict]] = {}
     for c in cells:
-        if c["method"] not in best or score(c) > score(best[c["method"]]):
-            best[c["method"]] = c
-    return list(best.values())
+        by_method.setdefault(c["method"], []).append(c)
+    best = []
+    for method_cells in by_method.values():
+        common = set.intersection(*(set(c["seeds"]) for c in method_cells))
+
+        def score(c: dict) -> tuple[float, float]:
+            return (statistics.fmean(c["accuracy_by_seed"][s] for s in common),
+                    -statistics.fmean(c["late_loss_by_seed"][s] for s in common))
+
+        best.append(max(method_cells, key=score) if common else max(method_cells, key=lambda c: len(c["seeds"])))
+    return best
 
 
 def write_markdown(path: Path, base: dict, cells: list[dict], meta: dict) -> None:
@@ -222,11 +238,12 @@ def write_markdown(path: Path, base: dict, cells: list[dict], meta: dict) -> Non
                      f"| {c['step_accuracy_mean']:.3f} ± {c['step_accuracy_std']:.3f} | {c['format_rate_mean']:.2f} "
                      f"| {c['trainable_params']:,} | {c['late_loss_mean']:.4f} | {c['train_wall_s_mean']:.0f} "
                      f"| {c['tokens_per_s_mean']:.0f} | {c['eval_wall_s_mean']:.0f} |")
-    lines += ["", "Best lr per method (highest mean accuracy, ties to the lower late loss; chosen on the test set: "
-              "optimistic, equally for every method):", "",
-              "| method | lr | accuracy (mean ± std) | step accuracy (mean ± std) | trainable params |", "|---|---|---|---|---|"]
+    lines += ["", "Best lr per method (highest mean accuracy on the seeds every lr of the method ran, ties to the lower "
+              "late loss; chosen on the test set: optimistic, equally for every method):", "",
+              "| method | lr | seeds | accuracy (mean ± std) | step accuracy (mean ± std) | trainable params |",
+              "|---|---|---|---|---|---|"]
     for c in sorted(best_per_method(cells), key=lambda c: c["trainable_params"]):
-        lines.append(f"| {c['method']} | {c['lr']:g} | {c['accuracy_mean']:.3f} ± {c['accuracy_std']:.3f} "
+        lines.append(f"| {c['method']} | {c['lr']:g} | {len(c['seeds'])} | {c['accuracy_mean']:.3f} ± {c['accuracy_std']:.3f} "
                      f"| {c['step_accuracy_mean']:.3f} ± {c['step_accuracy_std']:.3f} | {c['trainable_params']:,} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -240,10 +257,14 @@ def plot(path: Path, base: dict, runs: list[dict], cells: list[dict]) -> None:
         print("matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for c in best_per_method(cells):
+    best_cells = best_per_method(cells)
+    for c in best_cells:
         marker = {"pmss": "o", "lora": "s", "full": "^"}[kind_of(c["method"])]
-        ax1.errorbar(c["trainable_params"] / 1e6, c["accuracy_mean"], yerr=c["accuracy_std"], fmt=marker, capsize=3,
-                     label=f"{c['method']} (lr {c['lr']:g})")
+        # Methods at one budget (within 1%) are spread sideways a little so their error bars show.
+        peers = [x["method"] for x in best_cells if abs(x["trainable_params"] / c["trainable_params"] - 1) < 0.01]
+        offset = 1 + 0.04 * (peers.index(c["method"]) - (len(peers) - 1) / 2)
+        ax1.errorbar(c["trainable_params"] / 1e6 * offset, c["accuracy_mean"], yerr=c["accuracy_std"], fmt=marker,
+                     capsize=3, label=f"{c['method']} (lr {c['lr']:g}, {len(c['seeds'])} seeds)")
     ax1.axhline(base["accuracy"], color="gray", linestyle="--", label="base model")
     ax1.set_xscale("log")  # adapters at 2-5M beside full fine-tuning at 135M
     ax1.set_xlabel("trainable parameters (M, log scale)")
@@ -283,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes per training run (GPUs)")
     p.add_argument("--train-override", nargs="*", default=[], help="extra key=value for every run, "
                    "e.g. model.dtype=bfloat16 data.batch_size=32")
+    p.add_argument("--report-only", action="store_true", help="train and score nothing: report the runs of the "
+                   "grid that are already trained and scored under --out, skipping the others")
     args = p.parse_args(argv)
     lrs = parse_lrs(args.lrs)
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -295,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         for lr in lrs[kind_of(method)]:
             for seed in args.seeds:
+                run_dir = run_dir_of(args, method, lr, seed)
+                if args.report_only and not ((run_dir / "summary.json").is_file() and (run_dir / "eval.json").is_file()):
+                    print(f"{method} lr {lr:g} seed {seed}: not trained and scored, left out", flush=True)
+                    continue
                 r = train(args, method, lr, seed)
                 print(f"{method} lr {lr:g} seed {seed}: accuracy {r['accuracy']:.3f}, loss {r['initial_loss']:.3f} -> "
                       f"{r['final_loss']:.3f}, {r['train_wall_s']:.0f} s train, {r['eval_wall_s']:.0f} s eval", flush=True)
