@@ -14,6 +14,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from conftest import FAST, REPO, run_job, summary
+from pmss_dist.builtin import write_tiny_checkpoint
 from pmss_dist.hf_checkpoint import read_hf_config
 from pmss_dist.hf_export import ExportError, export_full
 from pmss_dist.models import build_model
@@ -127,6 +128,25 @@ def test_export_full_refuses_what_is_not_its_checkpoint(single, session_tmp):
     save_file({**base, "model.layers.0.self_attn.q_proj.bias": torch.zeros(128)}, str(other / "model.safetensors"))
     with pytest.raises(ExportError, match="was trained on a base with fingerprint"):
         export_full(ckpt, other, session_tmp / "y")
-    with pytest.raises(ExportError, match=r"not in the checkpoint: \['model.layers.0.self_attn.q_proj.bias'\]"):
+    with pytest.raises(ExportError, match=r"does not hold the weights of .*\['model.layers.0.self_attn.q_proj.bias'\] "
+                                          "have no place"):
         export_full(ckpt, other, session_tmp / "y", check_base=False)
     assert not (session_tmp / "y").exists()  # refused before anything was written
+
+
+def test_tied_base_keeps_its_lm_head_copy_and_derived_tensors(session_tmp):
+    # Some tied checkpoints carry lm_head.weight (a copy of the embedding) and old Llama saves carry
+    # RoPE inv_freq: the export must keep the copy equal to the trained embedding and leave the
+    # derived tensor as it was.
+    base = write_tiny_checkpoint(session_tmp / "tied-base", seed=1, tie_word_embeddings=True)
+    tensors = load_file(str(base / "model.safetensors"))
+    inv_freq = torch.arange(16, dtype=torch.float32)
+    tensors.update({"lm_head.weight": tensors["model.embed_tokens.weight"].clone(),
+                    "model.layers.0.self_attn.rotary_emb.inv_freq": inv_freq})
+    save_file(tensors, str(base / "model.safetensors"))
+    out = session_tmp / "full-tied"
+    run_job(1, [*FULL, "max_steps=2", f"model.path={base}", f"output_dir={out}"])
+    exported = weights(out)
+    assert not torch.equal(exported["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    assert torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])
+    assert torch.equal(exported["model.layers.0.self_attn.rotary_emb.inv_freq"], inv_freq)

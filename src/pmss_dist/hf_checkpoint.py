@@ -40,7 +40,7 @@ _BIAS_KEYS = {"layers.{}.attn.q_proj.bias": "model.layers.{}.self_attn.q_proj.bi
               "layers.{}.attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias"}
 TUNE_TO_HF.update(_BIAS_KEYS)
 # Checkpoint tensors that hold nothing the model needs (old Llama saves carry RoPE frequencies).
-DERIVED_HF_KEYS = {hf for hf, tune in _FROM_HF.items() if tune is None}
+_DERIVED_HF_KEYS = {hf for hf, tune in _FROM_HF.items() if tune is None}
 # Files of a checkpoint directory besides the weights that a copy of it must carry.
 SIDE_FILES = ("config.json", "generation_config.json", INDEX_FILE, "special_tokens_map.json",
               "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -150,7 +150,7 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tied(hf_config: dict) -> bool:
+def tied_embeddings(hf_config: dict) -> bool:
     return bool(hf_config.get("tie_word_embeddings", model_family(hf_config) == "gemma"))
 
 
@@ -163,8 +163,8 @@ def match_keys(tune_names, files: dict[str, Path], hf_config: dict, ckpt_dir: Pa
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
                        f"e.g. {missing[:3]}: config.json does not describe these weights")
     used = set(pairs.values())
-    unused = [k for k in files if k not in used and _template(k)[0] not in DERIVED_HF_KEYS
-              and not (k == "lm_head.weight" and _tied(hf_config))]
+    unused = [k for k in files if k not in used and _template(k)[0] not in _DERIVED_HF_KEYS
+              and not (k == "lm_head.weight" and tied_embeddings(hf_config))]
     if unused:
         where = files[unused[0]]
         raise ValueError(f"{where}: tensor(s) {unused[:3]} have no place in the {model_family(hf_config)} "

@@ -34,8 +34,8 @@ from pmss_dist.adapter_io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
 from pmss_dist.adapters import ADAPTER_TENSORS, FULL, TARGET_ALIASES
 from pmss_dist.checkpoint import CheckpointError, base_fingerprint, verify
 from pmss_dist.files import atomic_write
-from pmss_dist.hf_checkpoint import (DERIVED_HF_KEYS, INDEX_FILE, copy_side_files, open_safetensors, permutation_for,
-                                     read_hf_config, row_permutations, tune_key_to_hf, weight_files)
+from pmss_dist.hf_checkpoint import (INDEX_FILE, copy_side_files, match_keys, open_safetensors, permutation_for,
+                                     read_hf_config, row_permutations, tied_embeddings, tune_key_to_hf, weight_files)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -266,20 +266,13 @@ def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str |
     hf_config = read_hf_config(base_dir)
     files = weight_files(base_dir)
     metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
-    tune_of: dict[str, str] = {}  # HF key -> torchtune key
-    for key in metadata:
-        if not key.startswith("model."):
-            continue
-        tune_key = key.removeprefix("model.")
-        try:
-            tune_of[tune_key_to_hf(tune_key)] = tune_key
-        except KeyError as err:
-            raise ExportError(f"{checkpoint_dir}: {err}") from err
-    unknown = sorted(set(tune_of) - set(files))
-    untrained = sorted(set(files) - set(tune_of) - DERIVED_HF_KEYS)
-    if unknown or untrained:
-        raise ExportError(f"{checkpoint_dir} does not hold the weights of {base_dir} (not in the base: {unknown[:3]}; "
-                          f"not in the checkpoint: {untrained[:3]}): pass the base it was trained on")
+    tune_names = [key.removeprefix("model.") for key in metadata if key.startswith("model.")]
+    try:  # the same two-way check as loading: every trained tensor has a base tensor, and back
+        tune_of = {hf: tune for tune, hf in match_keys(tune_names, files, hf_config, base_dir).items()}
+    except (KeyError, ValueError) as err:
+        raise ExportError(f"{checkpoint_dir} does not hold the weights of {base_dir}: {err}") from err
+    if tied_embeddings(hf_config) and "lm_head.weight" in files:
+        tune_of["lm_head.weight"] = "tok_embeddings.weight"  # a tied copy the base carries: keep it equal
     perms = row_permutations(hf_config)
     paths = sorted(set(files.values()))
     _prepare_out_dir(out_dir, base_dir, paths)
