@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -69,6 +69,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
     # use of the step, so keep them gathered (no reshard) between forward and backward.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False,
                 ignored_params=replicated)
+    # Every rank's loss is already divided by the global token count, so the gradients of sharded
+    # trainable weights (full fine-tuning) must be summed over ranks, as `all_reduce_grads` does
+    # for adapters; FSDP2 would average them. A plain SUM, because gloo has no PREMUL_SUM.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 
