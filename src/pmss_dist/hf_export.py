@@ -150,11 +150,8 @@ def _load(adapter_dir, base_dir, check_base: bool):
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     hf_config = read_hf_config(base_dir)
     meta, updates = read_updates(adapter_dir, hf_config)
-    recorded = meta.get("base_fingerprint")
-    if check_base and recorded and recorded != base_fingerprint(base_dir):
-        raise ExportError(f"{adapter_dir} was trained on a base with fingerprint {recorded}, {base_dir} has "
-                          f"{base_fingerprint(base_dir)}: pass the original base (or skip this check if the "
-                          "base was only re-saved, e.g. in another dtype)")
+    if check_base:
+        _check_base(adapter_dir, meta.get("base_fingerprint"), base_dir)
     files = weight_files(base_dir)
     for hf_key, update in updates.items():
         if hf_key not in files:
@@ -162,6 +159,14 @@ def _load(adapter_dir, base_dir, check_base: bool):
         with open_safetensors(files[hf_key]) as f:
             update.check_shape(tuple(f.get_slice(hf_key).get_shape()), files[hf_key])
     return meta, updates, files
+
+
+def _check_base(trained: Path, recorded: str | None, base_dir: Path) -> None:
+    """Refuse a base other than the one ``trained`` (an adapter or a checkpoint) recorded."""
+    if recorded and recorded != base_fingerprint(base_dir):
+        raise ExportError(f"{trained} was trained on a base with fingerprint {recorded}, {base_dir} has "
+                          f"{base_fingerprint(base_dir)}: pass the original base (or skip this check if the "
+                          "base was only re-saved, e.g. in another dtype)")
 
 
 def _check_out_dir(out_dir: Path, *inputs: Path) -> None:
@@ -259,10 +264,8 @@ def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str |
     if kind != FULL:
         raise ExportError(f"{checkpoint_dir} is a checkpoint of a {kind or 'pre-config'} run, not of full "
                           "fine-tuning: export its adapter (tools/export_hf.py --run) instead")
-    recorded = extra.get("base_fingerprint")
-    if check_base and recorded and recorded != base_fingerprint(base_dir):
-        raise ExportError(f"{checkpoint_dir} was trained on a base with fingerprint {recorded}, {base_dir} has "
-                          f"{base_fingerprint(base_dir)}: pass the original base")
+    if check_base:
+        _check_base(checkpoint_dir, extra.get("base_fingerprint"), base_dir)
     hf_config = read_hf_config(base_dir)
     files = weight_files(base_dir)
     metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
@@ -278,13 +281,13 @@ def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str |
     _prepare_out_dir(out_dir, base_dir, paths)
     mine = paths[rank::world_size]
     for i, path in enumerate(mine, 1):
-        keys = [hf_key for hf_key, file in files.items() if file == path and hf_key in tune_of]
-        state = {f"model.{tune_of[k]}": torch.empty(tuple(metadata[f"model.{tune_of[k]}"].size),
-                                                    dtype=metadata[f"model.{tune_of[k]}"].properties.dtype)
-                 for k in keys}
+        keys = {hf_key: f"model.{tune_of[hf_key]}" for hf_key, file in files.items()
+                if file == path and hf_key in tune_of}
+        state = {dcp_key: torch.empty(tuple(metadata[dcp_key].size), dtype=metadata[dcp_key].properties.dtype)
+                 for dcp_key in keys.values()}
         dcp.load(state, checkpoint_id=checkpoint_dir, no_dist=True)
-        replace = {k: _trained_weight(k, state[f"model.{tune_of[k]}"], permutation_for(tune_of[k], perms), path)
-                   for k in keys}
+        replace = {k: _trained_weight(k, state[dcp_key], permutation_for(tune_of[k], perms), path)
+                   for k, dcp_key in keys.items()}
         _write_replaced_file(path, out_dir / path.name, replace)
         _progress(progress, f"export_full: [{i}/{len(mine)}] {path.name}: {len(keys)} trained weight(s)")
     if rank == 0:
