@@ -120,8 +120,23 @@ def prepare(args) -> None:
                     "--test", str(args.test), "--seed", str(args.data_seed)], args.out / "logs" / "make_word_problems.log")
 
 
+def load_reusable(path: Path, settings: dict) -> dict | None:
+    """The JSON a previous invocation wrote at path, if it ran with these settings; None if there is none.
+    A run directory is named by method, lr and seed only, so a result made with other settings
+    (--steps, --train-override, --test-limit, --max-new-tokens) would otherwise be reused silently."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("bench_settings") != settings:
+        raise SystemExit(f"{path} was made with {result.get('bench_settings')}, not {settings}: "
+                         "pass another --out, or delete the file to redo it")
+    return result
+
+
 def evaluate(args, model: Path, out: Path) -> dict:
-    if not out.is_file():
+    settings = {"test_limit": args.test_limit, "max_new_tokens": args.max_new_tokens}
+    result = load_reusable(out, settings)
+    if result is None:
         wall = run_logged([PY, "tools/evaluate.py", "--model", str(model), "--data", str(args.data / "test.jsonl"),
                            "--format", "qa", "--limit", str(args.test_limit), "--max-new-tokens", str(args.max_new_tokens),
                            "--batch-size", str(args.eval_batch_size), "--out", str(out),
@@ -129,9 +144,8 @@ def evaluate(args, model: Path, out: Path) -> dict:
                            "--replicate"],
                           out.with_suffix(".log"))
         result = json.loads(out.read_text())
-        result["wall_s"] = wall
+        result.update(wall_s=wall, bench_settings=settings)
         out.write_text(json.dumps(result, indent=2))
-    result = json.loads(out.read_text())
     generated = [r["generated"] for r in result["records"]]
     correct, total = map(sum, zip(*(check_calculations(g) for g in generated))) if generated else (0, 0)
     return {"accuracy": result["summary"]["accuracy"], "n": result["summary"]["n"], "eval_wall_s": result.get("wall_s"),
@@ -149,7 +163,9 @@ def train(args, method: str, lr: float, seed: int) -> dict:
     run_dir = run_dir_of(args, method, lr, seed)
     summary_file = run_dir / "summary.json"
     log = args.out / "logs" / f"{run_dir.name}.train.log"
-    if not summary_file.is_file():
+    settings = {"steps": args.steps, "train_override": args.train_override}
+    summary = load_reusable(summary_file, settings)
+    if summary is None:
         extra = []
         if kind_of(method) == "pmss":  # one SVD pass per (method, k, seed), shared by the lr grid
             sel = args.out / "selections" / f"{method}_seed{seed}.json"
@@ -165,8 +181,8 @@ def train(args, method: str, lr: float, seed: int) -> dict:
         tps = [float(m.group(2)) for line in log.read_text().splitlines() if (m := STEP_LINE.match(line))]
         # The first logged interval includes the first step's warm-up; later ones are steady state.
         summary["tokens_per_s"] = statistics.median(tps[1:] or tps) if tps else None
+        summary["bench_settings"] = settings
         summary_file.write_text(json.dumps(summary, indent=2))
-    summary = json.loads(summary_file.read_text())
     ev = evaluate(args, run_dir / "merged", run_dir / "eval.json")
     return {"method": method, "kind": kind_of(method), "lr": lr, "seed": seed, "run_dir": str(run_dir),
             "trainable_params": summary["trainable_params"], "initial_loss": summary["initial_loss"],
