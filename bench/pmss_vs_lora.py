@@ -133,6 +133,12 @@ def load_reusable(path: Path, settings: dict) -> dict | None:
     return result
 
 
+def score_file(args, stem: str) -> str:
+    """Where a score is kept: one file per test subset, so a run can hold both a quick score on the
+    first N problems and one on the whole set."""
+    return f"{stem}_first{args.test_limit}.json" if args.test_limit else f"{stem}.json"
+
+
 def evaluate(args, model: Path, out: Path) -> dict:
     settings = {"test_limit": args.test_limit, "max_new_tokens": args.max_new_tokens}
     result = load_reusable(out, settings)
@@ -183,7 +189,7 @@ def train(args, method: str, lr: float, seed: int) -> dict:
         summary["tokens_per_s"] = statistics.median(tps[1:] or tps) if tps else None
         summary["bench_settings"] = settings
         summary_file.write_text(json.dumps(summary, indent=2))
-    ev = evaluate(args, run_dir / "merged", run_dir / "eval.json")
+    ev = evaluate(args, run_dir / "merged", run_dir / score_file(args, "eval"))
     return {"method": method, "kind": kind_of(method), "lr": lr, "seed": seed, "run_dir": str(run_dir),
             "trainable_params": summary["trainable_params"], "initial_loss": summary["initial_loss"],
             "final_loss": summary["final_loss"], "losses": summary["losses"], "steps": summary["steps"],
@@ -328,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     prepare(args)
-    base = evaluate(args, args.base, args.out / "base_eval.json")
+    base = evaluate(args, args.base, args.out / score_file(args, "base_eval"))
     print(f"base model: exact match {base['accuracy']:.3f} (n={base['n']})", flush=True)
     runs = []
     for method in args.methods:
         for lr in lrs[kind_of(method)]:
             for seed in args.seeds:
                 run_dir = run_dir_of(args, method, lr, seed)
-                if args.report_only and not ((run_dir / "summary.json").is_file() and (run_dir / "eval.json").is_file()):
+                if args.report_only and not ((run_dir / "summary.json").is_file() and (run_dir / score_file(args, "eval")).is_file()):
                     print(f"{method} lr {lr:g} seed {seed}: not trained and scored, left out", flush=True)
                     continue
                 r = train(args, method, lr, seed)
