@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Issue 10: PMSS vs LoRA on a real pretrained model (SmolLM2-135M-Instruct), GSM8K-style task.
 
-One command does everything, skipping what is already on disk (a re-run resumes):
+One command does everything, skipping what is already on disk (a re-run resumes; a result on disk
+made with other --steps/--train-override/--test-limit/--max-new-tokens stops it instead):
 
   1. converts the SmolLM2 GGUF into an HF checkpoint (tools/gguf_to_hf.py) unless --base exists;
   2. writes the word problems (tools/make_word_problems.py: --train rows, --test held-out rows);
