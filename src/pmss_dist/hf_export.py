@@ -23,7 +23,6 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Callable
 
 import torch
