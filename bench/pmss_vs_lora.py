@@ -17,7 +17,7 @@ The full experiment (a GPU; see docs/RESULTS.md):
 
   python bench/pmss_vs_lora.py --out runs/smollm2/bench
 
-Tables and plot of whatever has run so far (trains nothing): add --report-only.
+Tables and plot of whatever has run so far (trains and scores no run): add --report-only.
 
 A CPU pilot (docs/RESULTS.md has the exact one that was run):
 
@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes per training run (GPUs)")
     p.add_argument("--train-override", nargs="*", default=[], help="extra key=value for every run, "
                    "e.g. model.dtype=bfloat16 data.batch_size=32")
-    p.add_argument("--report-only", action="store_true", help="train and score nothing: report the runs of the "
-                   "grid that are already trained and scored under --out, skipping the others")
+    p.add_argument("--report-only", action="store_true", help="train and score no run (the base model is scored "
+                   "if it has no score yet): report the runs of the grid already trained and scored under --out")
     args = p.parse_args(argv)
     lrs = parse_lrs(args.lrs)
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
