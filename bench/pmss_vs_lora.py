@@ -11,7 +11,8 @@ made with other --steps/--train-override/--test-limit/--max-new-tokens stops it 
      each run exporting <run>/merged, and scores each merged export the same way;
   5. writes <out>/results.json, <out>/results.md (mean +- std accuracy over seeds, trainable
      parameters, wall time, tokens/s) and <out>/pmss_vs_lora.png (accuracy vs trainable
-     parameters; loss curves from each run's summary.json).
+     parameters; loss curves from each run's summary.json); with --test-limit N, under names
+     ending in _firstN (results_first200.md), as are the scores (eval_first200.json).
 
 The full experiment (a GPU; see docs/RESULTS.md):
 
@@ -134,10 +135,10 @@ def load_reusable(path: Path, settings: dict) -> dict | None:
     return result
 
 
-def score_file(args, stem: str) -> str:
-    """Where a score is kept: one file per test subset, so a run can hold both a quick score on the
-    first N problems and one on the whole set."""
-    return f"{stem}_first{args.test_limit}.json" if args.test_limit else f"{stem}.json"
+def score_file(args, stem: str, suffix: str = ".json") -> str:
+    """Where a score, or a report of scores, is kept: one file per test subset, so a run can hold
+    both a quick score on the first N problems and one on the whole set."""
+    return f"{stem}_first{args.test_limit}{suffix}" if args.test_limit else f"{stem}{suffix}"
 
 
 def evaluate(args, model: Path, out: Path) -> dict:
@@ -354,10 +355,12 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens, "train_override": args.train_override, "nproc": args.nproc,
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "total_wall_s": time.perf_counter() - t0}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "base": base, "cells": cells, "runs": runs}, indent=2))
-    write_markdown(args.out / "results.md", base, cells, meta)
-    plot(args.out / "pmss_vs_lora.png", base, runs, cells)
-    print(f"wrote {args.out}/results.json, results.md, pmss_vs_lora.png ({meta['total_wall_s']:.0f} s)", flush=True)
+    reports = [args.out / score_file(args, stem, suffix)
+               for stem, suffix in (("results", ".json"), ("results", ".md"), ("pmss_vs_lora", ".png"))]
+    reports[0].write_text(json.dumps({"meta": meta, "base": base, "cells": cells, "runs": runs}, indent=2))
+    write_markdown(reports[1], base, cells, meta)
+    plot(reports[2], base, runs, cells)
+    print(f"wrote {', '.join(map(str, reports))} ({meta['total_wall_s']:.0f} s)", flush=True)
     return 0
 
 
