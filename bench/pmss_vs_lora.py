@@ -355,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens, "train_override": args.train_override, "nproc": args.nproc,
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "total_wall_s": time.perf_counter() - t0}
-    reports = [args.out / score_file(args, stem, suffix)
-               for stem, suffix in (("results", ".json"), ("results", ".md"), ("pmss_vs_lora", ".png"))]
-    reports[0].write_text(json.dumps({"meta": meta, "base": base, "cells": cells, "runs": runs}, indent=2))
-    write_markdown(reports[1], base, cells, meta)
-    plot(reports[2], base, runs, cells)
-    print(f"wrote {', '.join(map(str, reports))} ({meta['total_wall_s']:.0f} s)", flush=True)
+    results_json, results_md, plot_png = (args.out / score_file(args, stem, suffix) for stem, suffix in
+                                          (("results", ".json"), ("results", ".md"), ("pmss_vs_lora", ".png")))
+    results_json.write_text(json.dumps({"meta": meta, "base": base, "cells": cells, "runs": runs}, indent=2))
+    write_markdown(results_md, base, cells, meta)
+    plot(plot_png, base, runs, cells)
+    print(f"wrote {results_json}, {results_md}, {plot_png} ({meta['total_wall_s']:.0f} s)", flush=True)
     return 0
 
 
