@@ -1,12 +1,12 @@
 """PEFT-MFU and peak memory of a Llama-2-7B-shaped model on one GPU (issue 9.3).
 
 Random weights at the real dimensions (dim 4096, 32 layers, 32 heads, MLP 11008, vocab 32000), no
-checkpoint on disk: the model is built the way ``pmss_dist.train`` builds it — on the meta
+checkpoint on disk: the model is built by ``pmss_dist.build.build_model``, as the trainer builds it — on the meta
 device, adapters swapped in, activation checkpointing -> torch.compile per block -> FSDP2 (one
 rank), ``to_empty`` on the GPU, RoPE caches, then weights drawn in place (N(0, 0.02)) instead of
 loaded. bf16 frozen weights and compute, fp32 adapters, AdamW on the adapters, random token ids.
 
-MFU counts PEFT FLOPs (``pmss_dist.metrics.peft_flops_per_token`` through the trainer's own
+MFU counts PEFT FLOPs (``pmss_dist.train.metrics.flops_per_token`` through the trainer's own
 per-model count): forward 2N + input-gradient backward 2N over the frozen matmul weights, the
 adapters' work 3x, attention 12·L·T·d — no weight-gradient GEMMs, since the base is frozen.
 
@@ -29,15 +29,15 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torchtune.training import set_default_dtype
 
-from pmss_dist.adapters import AdapterSpec, PMSSLinear, adapter_layers, apply_adapters, assign_skeletons, reset_adapters
-from pmss_dist.builtin import TINY_CONFIG
-from pmss_dist.dist_env import init_distributed, shutdown
-from pmss_dist.metrics import peak_flops, peak_memory_gib
-from pmss_dist.models import build_model, init_rope_caches
-from pmss_dist.parallelize import parallelize, trainable_parameters
-from pmss_dist.train import _flops_per_token  # the trainer's own count, so MFU here = MFU it logs
+from pmss_dist.adapters.layers import AdapterSpec, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
+from pmss_dist.build import build_model
+from pmss_dist.config import ParallelConfig
+from pmss_dist.models.builtin import TINY_CONFIG
+from pmss_dist.parallel.env import init_distributed, shutdown
+from pmss_dist.parallel.grads import trainable_parameters
+from pmss_dist.train.metrics import flops_per_token as model_flops_per_token  # the trainer's own count
+from pmss_dist.train.metrics import peak_flops, peak_memory_gib
 
 from benchlib import pmss_rank_for_budget
 
@@ -63,8 +63,8 @@ def random_init(model: torch.nn.Module, seed: int) -> None:
 
 def random_skeletons(model, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    return {name: (torch.randperm(m.out_features, generator=gen)[:m.rank],
-                   torch.randperm(m.in_features, generator=gen)[:m.rank])
+    return {name: (torch.randperm(m.out_features, generator=gen)[:m.k],
+                   torch.randperm(m.in_features, generator=gen)[:m.k])
             for name, m in adapter_layers(model).items() if isinstance(m, PMSSLinear)}
 
 
@@ -94,20 +94,16 @@ def main() -> None:
     if env.device.type != "cuda" and not args.tiny:
         raise SystemExit("no GPU here: the 7B shape needs one; --tiny runs the same path on CPU")
     t_start = time.perf_counter()
-    with torch.device("meta"), set_default_dtype(dtype):
-        model = build_model(config, max_seq_len=seq_len)
-    counts = apply_adapters(model, AdapterSpec(args.adapter, ALL_TARGETS, rank, float(rank)))
-    parallelize(model, env.mesh, param_dtype=dtype, compile=not args.no_compile,
-                activation_checkpointing=args.ac, reshard_after_forward=True)
-    model.to_empty(device=env.device)
-    init_rope_caches(model, env.device)
-    random_init(model, seed=0)
-    reset_adapters(model, seed=0)
+    parallel = ParallelConfig(compile=not args.no_compile, activation_checkpointing=args.ac, reshard_after_forward=True)
+    model = build_model(config, adapter=AdapterSpec(args.adapter, ALL_TARGETS, rank, float(rank)), mesh=env.mesh,
+                        device=env.device, dtype=dtype, parallel=parallel, max_seq_len=seq_len)
+    random_init(model, seed=0)  # no weights on disk: frozen weights drawn in place, shard by shard
+    counts = count_parameters(model)
     if args.adapter == "pmss":
         assign_skeletons(model, selections=random_skeletons(model, seed=0))
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    flops_per_token = _flops_per_token(model, config, seq_len)
+    flops_per_token = model_flops_per_token(model, config, seq_len)
     peak = peak_flops(env.device)
     print(f"{'tiny' if args.tiny else 'Llama-2-7B'} shape: {counts['total']:,} params, {counts['trainable']:,} trainable "
           f"({args.adapter} rank {rank}); {args.dtype}, compile {not args.no_compile}, AC {args.ac}; "

@@ -49,7 +49,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from op_timer import OpCpuTimer
-from pmss_dist.adapters import LoRALinear, PMSSLinear
+from pmss_dist.adapters.layers import LoRALinear, PMSSLinear
 
 
 class FrozenLinear(nn.Module):

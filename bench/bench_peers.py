@@ -42,6 +42,7 @@ import yaml
 import benchlib
 from benchlib import BENCH, REPO, RunResult, print_markdown
 from bench_train import trainer_overrides
+from pmss_dist.train.run_dir import RunDir
 
 LORA_RANK = 8
 
@@ -107,7 +108,7 @@ def run_ours(model, paths, kind: str, rank: int, nproc, steps, compile_on, ac_on
                                  ["--config", str(REPO / "configs" / "tiny.yaml"), *overrides], env,
                                  out / "log.txt", timeout)
     seq_len, batch = benchlib.SHAPES[model]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunDir(out).read_summary()
     return benchlib.result_from_records(out.name, benchlib.read_records(out / "records"), launched,
                                         seq_len * batch, trainable=summary["trainable_params"])
 
@@ -115,7 +116,7 @@ def run_ours(model, paths, kind: str, rank: int, nproc, steps, compile_on, ac_on
 def token_rows(paths: dict, seq_len: int, work: Path) -> Path:
     """The data as token ids cut to seq_len, for the PEFT worker (its venv has no pmss_dist): the
     same SentencePiece model, BOS + prompt + response as our trainer tokenises an instruction row."""
-    from pmss_dist import data as data_lib
+    from pmss_dist.data import examples as data_lib
     from pmss_dist.config import DataConfig
 
     out = work / f"tokens_{seq_len}.json"

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pmss_dist.selection import METHODS, PICKERS, select_skeleton, single_threaded, top_singular_vectors  # noqa: E402
+from pmss_dist.adapters.selection import METHODS, PICKERS, select_skeleton, single_threaded, top_singular_vectors  # noqa: E402
 
 LLAMA7B_LAYERS = 32
 
@@ -120,7 +120,7 @@ def _dist_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
     from torch.distributed.tensor import DTensor, Shard
 
     import torch.distributed as dist
-    from pmss_dist.distributed_selection import select_skeletons
+    from pmss_dist.adapters.distributed_selection import select_skeletons
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads_per_rank or max(1, args.threads // world))

@@ -26,13 +26,13 @@ tokens per CPU-second (CPU time of a step summed over ranks), which other jobs d
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 from pathlib import Path
 
 import benchlib
 from benchlib import BENCH, REPO, RunResult, print_markdown
+from pmss_dist.train.run_dir import RunDir
 
 VARIANTS = ("frozen", "lora", "pmss")
 
@@ -66,7 +66,7 @@ def run_ours(model: str, paths: dict, variant: str, nproc: int, compile_on: bool
             *trainer_overrides(model, paths, variant, nproc, compile_on, ac_on, steps, out)]
     launched = benchlib.torchrun(nproc, BENCH / "trainer_worker.py", args, env, out / "log.txt", timeout)
     seq_len, batch = benchlib.SHAPES[model]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunDir(out).read_summary()
     return benchlib.result_from_records(name, benchlib.read_records(out / "records"), launched, seq_len * batch,
                                         trainable=summary["trainable_params"])
 

@@ -84,7 +84,7 @@ def workdir(keep: str | None, prefix: str):
 
 
 def model_config(name: str) -> dict:
-    from pmss_dist.builtin import TINY_CONFIG
+    from pmss_dist.models.builtin import TINY_CONFIG
 
     return {**TINY_CONFIG, **MODELS[name]}
 
@@ -132,7 +132,7 @@ def prepare_workspace(root: Path, model: str, num_rows: int = 1024) -> dict[str,
     """Write (once) the checkpoint, tokenizer and data for ``model`` under ``root``."""
     import sentencepiece as spm
 
-    from pmss_dist.builtin import BYTE_TOKENIZER_FILE, write_tiny_checkpoint
+    from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE, write_tiny_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
     data = root / "sums.json"

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import pmss_dist.train as trainer
+import pmss_dist.build as build
+import pmss_dist.train.trainer as trainer
 from benchlib import REPO, record_worker
 
 
@@ -36,10 +37,10 @@ GAIN = "input_gain"
 
 
 def _install_frozen_only() -> None:
-    import pmss_dist.hf_checkpoint as hf_checkpoint
-    from pmss_dist.adapters import count_parameters
+    import pmss_dist.hf.load as hf_checkpoint
+    from pmss_dist.adapters.layers import count_parameters
 
-    original_reset = trainer.reset_adapters
+    original_reset = build.reset_adapters
     original_base_parameters = hf_checkpoint.base_parameters
 
     def freeze_all(model: nn.Module, spec) -> dict[str, int]:
@@ -59,8 +60,8 @@ def _install_frozen_only() -> None:
     def base_parameters(model: nn.Module):  # the gain is not in the checkpoint: not a base weight
         return {n: p for n, p in original_base_parameters(model).items() if not n.endswith(GAIN)}
 
-    trainer.apply_adapters = freeze_all
-    trainer.reset_adapters = reset
+    build.apply_adapters = freeze_all
+    build.reset_adapters = reset
     hf_checkpoint.base_parameters = base_parameters
 
 

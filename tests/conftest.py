@@ -25,9 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cmd(nproc: int, script: Path = TRAIN) -> list[str]:
+def torchrun_cmd(nproc: int, *target) -> list[str]:
+    """torchrun on ``target``: a script path (default launch/train.py), or ``"-m", module``."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, target or (TRAIN,))]
 
 
 def job_env(**extra: str) -> dict:

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from pmss_dist.adapters import plain_name
+from pmss_dist.adapters.layers import plain_name
 from pmss_dist.config import load_config
-from pmss_dist.dist_env import init_distributed, shutdown
-from pmss_dist.train import StopRequest, fit, setup
+from pmss_dist.parallel.env import init_distributed, shutdown
+from pmss_dist.train.trainer import StopRequest, fit, setup
 
 
 def local(p: torch.Tensor) -> torch.Tensor:
@@ -23,17 +23,17 @@ def local(p: torch.Tensor) -> torch.Tensor:
 
 
 def _hang_save_at(step: int) -> None:
-    from pmss_dist import checkpoint
+    from pmss_dist.train import checkpoint
 
-    publish = checkpoint.CheckpointManager._publish
+    publish = checkpoint.CheckpointManager.publish
 
-    def hanging_publish(self, partial, final, extra):
-        if extra["step"] == step:
+    def hanging_publish(self, partial, final, record):
+        if record.step == step:
             print(f"hanging in save of step {step}", file=sys.stderr, flush=True)
             time.sleep(600)
-        publish(self, partial, final, extra)
+        publish(self, partial, final, record)
 
-    checkpoint.CheckpointManager._publish = hanging_publish
+    checkpoint.CheckpointManager.publish = hanging_publish
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pmss_dist.config import ConfigError, check_world_size, load_config
-from pmss_dist.parallelize import resolve_reshard_after_forward
+from pmss_dist.parallel.parallelize import resolve_reshard_after_forward
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -70,3 +70,22 @@ def test_reshard_after_forward_auto_keeps_only_models_that_fit_gathered():
     # an explicit setting wins whatever the size
     assert resolve_reshard_after_forward(True, model_bytes=1, rank_memory_bytes=80 * gib) is True
     assert resolve_reshard_after_forward(False, model_bytes=140 * gib, rank_memory_bytes=80 * gib) is False
+
+
+def _keys(cls, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        keys += _keys(kind, f"{prefix}{f.name}.") if dataclasses.is_dataclass(kind) else [prefix + f.name]
+    return keys
+
+
+def test_every_config_key_is_in_the_reference():
+    from pmss_dist.config import TrainConfig
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    documented = {line.split("`")[1] for line in reference.splitlines() if line.startswith("| `")}
+    assert documented == set(_keys(TrainConfig))

@@ -23,7 +23,6 @@ not when it has saved and exited in time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,10 +41,13 @@ def output_dir(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def should_requeue(run_dir: Path, since: float, stop_requested: bool, preempted: bool) -> int:
-    summary_path = run_dir / "summary.json"
+def should_requeue(output_dir: Path, since: float, stop_requested: bool, preempted: bool) -> int:
+    from pmss_dist.train.run_dir import RunDir
+
+    run_dir = RunDir(output_dir)
+    summary_path = run_dir.summary
     fresh = summary_path.is_file() and summary_path.stat().st_mtime >= since
-    summary = json.loads(summary_path.read_text()) if fresh else None
+    summary = run_dir.read_summary() if fresh else None
     if summary is not None and summary.get("completed"):
         print(f"training completed: {summary['steps']} steps, final loss {summary['final_loss']:.4f}",
               file=sys.stderr)

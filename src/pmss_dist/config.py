@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pmss_dist.adapters import ADAPTER_KINDS, TARGET_ALIASES
+from pmss_dist.adapters.layers import ADAPTER_KINDS, TARGET_ALIASES
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "instruction", "chat", "qa")
@@ -26,13 +26,17 @@ SELECTION_METHODS = ("deim", "qdeim", "leverage", "norm", "random")
 SVD_MODES = ("auto", "exact", "randomized")
 
 
+# model.path of the built-in base: the trainer writes models.builtin.TINY_CONFIG into the run directory.
+BUILTIN_TINY = "builtin:tiny"
+
+
 class ConfigError(ValueError):
     pass
 
 
 @dataclass
 class ModelConfig:
-    path: str = "builtin:tiny"  # an HF checkpoint directory, or builtin:tiny
+    path: str = BUILTIN_TINY  # an HF checkpoint directory, or builtin:tiny
     dtype: str = "bfloat16"  # frozen weights and compute; adapter weights are always fp32
 
 

@@ -1,0 +1,203 @@
+"""Skeleton selection for all PMSS layers of a model whose weights may be FSDP2 shards.
+
+Design (see docs/SELECTION.md): the layers, largest first, are dealt round-robin to the ranks in
+rounds of N. In each round every rank sends its shard of each layer to that layer's owner (one
+``dist.gather`` per layer), each owner reassembles its one full matrix, runs ``select_skeleton`` on
+it exactly as a single process would, and frees it. A round lasts as long as its slowest layer, so
+dealing by size puts layers of equal cost in the same round. At the end the indices
+are exchanged so every rank has all of them. The indices therefore do not depend on the world size,
+and no rank holds more than one full matrix at a time beyond its own shards.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from pmss_dist.adapters.selection import Selection, _is_dtensor, check_selection_args, select_skeleton
+
+PROGRESS_EVERY_S = 10.0
+
+
+def select_skeletons(weights: Mapping[str, torch.Tensor], ks: Mapping[str, int], method: str = "deim", *,
+                     seed: int = 0, svd: str = "auto", process_group=None,
+                     progress: bool = True) -> dict[str, Selection]:
+    """Return {name: (rows, cols)}, ``ks[name]`` of each, for every weight, identical on every rank
+    and for every world size. Weights are plain tensors (each rank computes everything itself, no
+    communication) or DTensors on a 1-D mesh placed Shard(0), Shard(1) or Replicate (collective:
+    every rank of the group must call this with the same names). Progress goes to stderr on rank 0
+    when ``progress``."""
+    names = sorted(weights)
+    missing = [n for n in names if n not in ks]
+    if missing:
+        raise ValueError(f"no k given for {len(missing)} layer(s), e.g. {missing[:3]}")
+    # Refuse what can be refused before any collective, so every rank raises the same error.
+    for n in names:
+        check_selection_args(tuple(weights[n].shape), ks[n], method, svd, n)
+
+    sharded = any(_is_dtensor(w) for w in weights.values())
+    if not sharded or not (dist.is_available() and dist.is_initialized()):
+        return _select_local(weights, ks, names, method, seed, svd, progress)
+    return _select_distributed(weights, ks, names, method, seed, svd, process_group, progress)
+
+
+def _select_local(weights, ks, names, method, seed, svd, progress) -> dict[str, Selection]:
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    meter = _Progress(len(names), enabled=progress and main)
+    out = {}
+    for i, n in enumerate(names):
+        w = weights[n]
+        if _is_dtensor(w):  # only reachable without a process group, i.e. never in practice
+            w = w.full_tensor()
+        out[n] = select_skeleton(w, ks[n], method, seed=seed, svd=svd, name=n)
+        meter.update(i + 1)
+    return out
+
+
+def _select_distributed(weights, ks, names, method, seed, svd, process_group, progress) -> dict[str, Selection]:
+    group = _group_of(weights, process_group)
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    layouts = {n: _layout(n, weights[n]) for n in names}
+
+    # One small exchange up front: every rank learns every shard's length, and a rank whose layer
+    # names or layouts differ is found here, on all ranks, instead of hanging a gather later.
+    mine = {n: (tuple(weights[n].shape), lay[0], lay[1]) for n, lay in layouts.items()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    for r, theirs in enumerate(everyone):
+        if theirs.keys() != mine.keys() or any(theirs[n][:2] != mine[n][:2] for n in names):
+            raise ValueError(f"select_skeletons: rank {r} passed different layer names, shapes or "
+                             f"placements than rank {me}; every rank must pass the same layers")
+    shard_lengths = {n: [everyone[r][n][2] for r in range(world)] for n in names}
+
+    meter = _Progress(len(names), enabled=progress and me == 0)
+    results: dict[str, tuple[list[int], list[int]] | str] = {}
+    schedule = sorted(names, key=lambda n: (-_svd_cost(weights[n].shape), n))
+    for start in range(0, len(schedule), world):
+        batch = schedule[start:start + world]
+        full = _receive_round(batch, weights, layouts, shard_lengths, me, group)
+        if full is not None:
+            n = batch[me]
+            try:
+                rows, cols = select_skeleton(full, ks[n], method, seed=seed, svd=svd, name=n)
+                results[n] = (rows.tolist(), cols.tolist())
+            except (ValueError, RuntimeError) as e:
+                # Keep taking part in the collectives; the error is raised on every rank at the end.
+                results[n] = f"{type(e).__name__}: {e}"
+            del full
+        meter.update(min(start + world, len(names)))
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, results, group=group)
+    merged = {k: v for part in gathered for k, v in part.items()}
+    errors = [v for v in merged.values() if isinstance(v, str)]
+    if errors:
+        raise ValueError(f"skeleton selection failed for {len(errors)} layer(s): " + "; ".join(errors[:3]))
+    return {n: (torch.tensor(merged[n][0], dtype=torch.int64), torch.tensor(merged[n][1], dtype=torch.int64))
+            for n in names}
+
+
+def _svd_cost(shape) -> int:
+    """Relative cost of selecting one matrix: an SVD of an m x n matrix takes O(m n min(m, n))."""
+    m, n = shape
+    return m * n * min(m, n)
+
+
+def _group_of(weights, process_group):
+    """The process group of the DTensors' mesh; a given ``process_group`` must span the same ranks."""
+    mesh_ranks, group = None, None
+    for n, w in sorted(weights.items()):
+        if not _is_dtensor(w):
+            continue
+        mesh = w.device_mesh
+        if mesh.ndim != 1:
+            raise ValueError(f"{n}: select_skeletons supports DTensors on a 1-D device mesh, got a "
+                             f"{mesh.ndim}-D mesh")
+        r = mesh.mesh.flatten().tolist()
+        if mesh_ranks is None:
+            mesh_ranks, group = r, mesh.get_group()
+        elif r != mesh_ranks:
+            raise ValueError(f"{n}: all DTensors must live on the same device mesh ({mesh_ranks} vs {r})")
+    if process_group is not None:
+        given = dist.get_process_group_ranks(process_group)
+        if given != mesh_ranks:
+            raise ValueError(f"process_group spans ranks {given} but the weights' mesh spans {mesh_ranks}")
+        group = process_group
+    return group
+
+
+def _layout(name, w) -> tuple[str, int]:
+    """(placement, local length along the sharded dim): placement is 'shard0', 'shard1' or 'full'."""
+    if not _is_dtensor(w):
+        return "full", 0  # a plain tensor is taken as a full copy on every rank
+    from torch.distributed.tensor import Replicate, Shard
+
+    (placement,) = w.placements
+    if isinstance(placement, Replicate):
+        return "full", 0
+    if isinstance(placement, Shard):
+        dim = placement.dim % 2
+        return f"shard{dim}", w.to_local().shape[dim]
+    raise ValueError(f"{name}: select_skeletons supports Shard(0), Shard(1) and Replicate "
+                     f"placements, got {placement}")
+
+
+def _receive_round(batch, weights, layouts, shard_lengths, me, group):
+    """Collective: layer batch[j] goes to rank j. Returns this rank's full matrix (None if it owns
+    none this round); a function of its own so no stray reference keeps a matrix alive."""
+    full = None
+    for owner, n in enumerate(batch):
+        received = gather_to_owner(weights[n], layouts[n][0], shard_lengths[n], owner, me, group)
+        if owner == me:
+            full = received
+    return full
+
+
+def gather_to_owner(w, placement: str, lengths: list[int], owner: int, me: int, group):
+    """Collective over ``group``: return the full matrix on rank ``owner`` (None elsewhere)."""
+    if placement == "full":
+        if me != owner:
+            return None
+        return w.to_local() if _is_dtensor(w) else w
+    local = w.to_local().detach()
+    # Shard(1) travels as the transposed Shard(0) problem: rows of local.T are the columns of W.
+    if placement == "shard1":
+        local = local.T
+    pad = max(lengths)
+    # gather needs equal sizes: uneven shards (d_out % N != 0, even empty ones) are zero-padded.
+    if local.shape[0] == pad and local.is_contiguous():
+        send = local
+    else:
+        send = local.new_zeros((pad, local.shape[1]))
+        send[:local.shape[0]] = local
+    dst = dist.get_global_rank(group, owner)
+    if me != owner:
+        dist.gather(send, None, dst=dst, group=group)
+        return None
+    buf = send.new_empty((len(lengths), pad, send.shape[1]))
+    dist.gather(send, list(buf.unbind(0)), dst=dst, group=group)
+    full = torch.cat([buf[r, :n] for r, n in enumerate(lengths)])
+    return full.T if placement == "shard1" else full
+
+
+class _Progress:
+    """Layers done / total and rate, to stderr, at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and total > 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < self.total and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"skeleton selection: {done}/{self.total} layers, {rate:.2f} layers/s, "
+              f"{now - self.start:.0f}s elapsed, eta {eta:.0f}s", file=sys.stderr, flush=True)

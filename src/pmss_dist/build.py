@@ -1,0 +1,61 @@
+"""The one recipe that turns an HF config into a ready model, for every entry point.
+
+Build on the meta device -> swap in adapters -> activation checkpointing, compile and FSDP2 per
+block -> ``to_empty`` on the device -> RoPE caches -> base weights, each rank reading only its own
+rows -> adapter tensors initialised. Training, evaluation, skeleton selection and the benches
+all call `build_model`; none of them repeats these steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torchtune.training import set_default_dtype
+
+from pmss_dist.adapters.layers import FULL, AdapterSpec, apply_adapters, reset_adapters
+from pmss_dist.config import ParallelConfig
+from pmss_dist.hf.load import load_hf_weights
+from pmss_dist.models import build_decoder, init_rope_caches
+from pmss_dist.parallel.env import print_main
+from pmss_dist.parallel.parallelize import parallelize, rank_memory_bytes, resolve_reshard_after_forward
+
+# Inference and selection: no compile, no activation checkpointing, reshard after every forward.
+INFERENCE = ParallelConfig(compile=False, activation_checkpointing="none", reshard_after_forward=True)
+
+
+def build_model(hf_config: dict, *, adapter: AdapterSpec | None, mesh: DeviceMesh | None, device: torch.device,
+                dtype: torch.dtype, parallel: ParallelConfig = INFERENCE, weights: str | Path | None = None,
+                max_seq_len: int | None = None, seed: int = 0) -> nn.Module:
+    """The decoder ``hf_config`` describes, with ``adapter`` swapped in (``None``: no adapter,
+    everything frozen), sharded over ``mesh`` as ``parallel`` says (``mesh=None``: one whole copy
+    in this process), on ``device``, frozen weights in ``dtype``, base weights read from the HF
+    directory ``weights`` (``None``: left uninitialised, for callers that draw their own).
+
+    Adapter tensors are fp32 and start as `reset_adapters` makes them from ``seed``; PMSS layers
+    still need skeletons (`assign_skeletons`, or a checkpoint). Full fine-tuning keeps fp32 master
+    weights, sharded, and computes in ``dtype`` through FSDP's mixed precision."""
+    storage_dtype = torch.float32 if adapter is not None and adapter.kind == FULL else dtype
+    with torch.device("meta"), set_default_dtype(storage_dtype):
+        model = build_decoder(hf_config, max_seq_len=max_seq_len)
+    if adapter is None:
+        model.requires_grad_(False)
+    else:
+        apply_adapters(model, adapter)
+    if mesh is not None:
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        memory = rank_memory_bytes(device)
+        reshard = resolve_reshard_after_forward(parallel.reshard_after_forward, model_bytes, memory)
+        if parallel.reshard_after_forward == "auto":
+            print_main(f"parallel.reshard_after_forward=auto -> {str(reshard).lower()} (model "
+                       f"{model_bytes / 2**30:.2f} GiB, rank memory {memory / 2**30:.0f} GiB)")
+        parallelize(model, mesh, param_dtype=dtype, compile=parallel.compile,
+                    activation_checkpointing=parallel.activation_checkpointing, reshard_after_forward=reshard)
+    model.to_empty(device=device)
+    init_rope_caches(model, device)
+    if weights is not None:
+        load_hf_weights(model, weights, hf_config)
+    reset_adapters(model, seed)
+    return model

@@ -1,0 +1,100 @@
+"""Export a trained adapter as a Hugging Face checkpoint (merged) or as a PEFT LoRA adapter.
+
+    pmss-export --run runs/tiny --out exports/tiny-merged
+    pmss-export --run runs/tiny --out exports/tiny-peft --peft
+    pmss-export --adapter runs/tiny/adapter --base ckpt/llama --out exports/merged
+
+Merged: the base checkpoint with W + s·C·U·R (or W + s·B·A) folded into every adapted weight,
+in the base's file layout, index and dtypes, config and tokenizer files copied. Streams one
+tensor at a time from the base files. PEFT: adapter_config.json + adapter_model.safetensors
+for ``PeftModel.from_pretrained(base, out)``; keep it in its own directory. A full fine-tuning
+run (``adapter.kind: full``) has no adapter: its newest checkpoint's weights are written in the
+base's layout instead, one base file at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pmss_dist.adapters.layers import FULL
+from pmss_dist.hf.export import export_full, export_merged, export_peft
+from pmss_dist.train.checkpoint import CheckpointError, extract_adapter, newest_valid, read_record
+from pmss_dist.train.run_dir import RunDir
+
+
+def run_inputs(run_dir: RunDir, scratch: Path) -> tuple[Path, Path, bool]:
+    """``(weights, base_dir, full)`` of a run. An adapter run gives its final adapter when it
+    finished (summary.json is written last), else the adapter of its newest complete step
+    checkpoint, extracted to ``scratch``. A full fine-tuning run gives that checkpoint itself."""
+    finished = run_dir.finished()
+    if finished:
+        config = run_dir.read_config()
+        if config["adapter"]["kind"] != FULL and run_dir.adapter.is_dir():
+            return run_dir.adapter, run_dir.base_dir(config["model"]["path"]), False
+    newest = newest_valid(run_dir.checkpoints)
+    if newest is None:
+        raise FileNotFoundError(f"{run_dir.root} is neither a finished run (summary.json, adapter/) nor has a "
+                                "complete checkpoint under checkpoints/: nothing to export")
+    config = read_record(newest).config
+    if config is None:
+        raise CheckpointError(f"{newest} predates configs in checkpoints: export the finished run instead")
+    base_dir = run_dir.base_dir(config["model"]["path"])
+    if not finished:
+        print(f"{run_dir.root} has not finished: exporting its checkpoint {newest.name}", file=sys.stderr, flush=True)
+    if config["adapter"]["kind"] == FULL:
+        return newest, base_dir, True
+    return extract_adapter(newest, scratch / "adapter"), base_dir, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Export a pmss_dist adapter (PMSS or LoRA) as a merged Hugging Face checkpoint, "
+                    "or with --peft as a PEFT LoRA adapter.",
+        epilog="Either --run, or both --adapter and --base. Any adapter tensor that cannot be mapped "
+               "onto an HF weight stops the export; nothing is dropped.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a run's output_dir: its final adapter, or its newest "
+                        "complete step checkpoint if it has not finished")
+    source.add_argument("--adapter", type=Path, help="adapter directory (adapter.safetensors + adapter.json)")
+    parser.add_argument("--base", type=Path, help="base HF checkpoint directory (with --adapter)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter instead of merged weights")
+    parser.add_argument("--skip-base-check", action="store_true",
+                        help="merge even if the base's fingerprint differs from the one the adapter was "
+                             "trained on (e.g. the base was re-saved in another dtype)")
+    args = parser.parse_args(argv)
+    if args.adapter is not None and args.base is None:
+        parser.error("--adapter needs --base")
+    if args.run is not None and args.base is not None:
+        parser.error("--base goes with --adapter; a run names its own base")
+
+    start = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="pmss-export-"))
+    try:
+        weights, base_dir, full = run_inputs(RunDir(args.run), scratch) if args.run else (args.adapter, args.base, False)
+        print(f"{'checkpoint' if full else 'adapter'} {weights}, base {base_dir}", file=sys.stderr, flush=True)
+        if full:
+            if args.peft:
+                raise ValueError(f"{args.run} is a full fine-tuning run (adapter.kind: full): it has no adapter "
+                                 "to write as PEFT; export it without --peft")
+            export_full(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+        elif args.peft:
+            export_peft(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+        else:
+            export_merged(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"done in {time.perf_counter() - start:.1f}s: {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Hugging Face checkpoints out: the base with the adapter folded in, the adapter as PEFT LoRA, or
+the weights of a full fine-tuning checkpoint.
+
+Merged export streams from the base files and needs nothing else: PMSS's ``C = W[:, J]`` and
+``R = W[I, :]`` are slices of the base weight itself, so ``W' = W + s·C·U·R`` is computed from
+the base tensor and the saved core and indices. Shapes and dtypes do not change, so every output
+file is a byte copy of its base file with the adapted tensors overwritten in place: file names,
+safetensors headers and the index stay the base's, tensors not adapted stay byte-identical, and
+peak memory is one weight matrix (in fp32 while it is merged) whatever the model size. Files can
+be divided among ranks (``rank``/``world_size``).
+
+Layouts. Indices and factors are saved in torchtune's layout, whose q/k rows are a permutation of
+HF's (``perm[t]`` = HF row of torchtune row ``t``). Columns are not permuted, so in HF layout
+``C = W_hf[:, J]`` and ``R = W_hf[perm[I], :]``: the update needs no permuting back at all. A
+LoRA ``B`` has its rows in torchtune order: row ``t`` goes to HF row ``perm[t]``, as do the rows of
+a fully fine-tuned q/k weight.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+
+from pmss_dist.adapters.io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
+from pmss_dist.adapters.layers import (ADAPTER_TENSORS, FULL, TARGET_ALIASES, lora_factors, merge_dtype, merge_update,
+                                      pmss_factors, update_scale)
+from pmss_dist.files import atomic_write
+from pmss_dist.hf.keys import match_keys, permutation_for, row_permutations, tune_key_to_hf
+from pmss_dist.hf.load import (INDEX_FILE, check_base_fingerprint, copy_side_files, open_safetensors,
+                               read_hf_config, read_safetensors_header, weight_files)
+from pmss_dist.models import tied_embeddings
+from pmss_dist.parallel.env import print_main
+from pmss_dist.train.checkpoint import CheckpointError, read_record
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+# Adapter files of either format. None may sit beside merged weights: transformers (with peft
+# installed) applies an adapter_config.json it finds in a model directory, on top of the merge.
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META, PEFT_CONFIG, PEFT_WEIGHTS)
+_PROJECTIONS = set(TARGET_ALIASES.values())
+_BASE_FIX = ("pass the original base (or skip this check if the base was only re-saved, e.g. in another "
+             "dtype)")
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """One adapted weight: where it lives in the HF checkpoint and what its update is."""
+
+    name: str  # torchtune layer, e.g. layers.0.attn.q_proj
+    hf_key: str  # e.g. model.layers.0.self_attn.q_proj.weight
+    kind: str
+    size: int  # k for PMSS, r for LoRA (adapter.json's "rank")
+    alpha: float
+    tensors: dict[str, torch.Tensor]
+    perm: torch.Tensor | None  # q/k rows: torchtune row t is HF row perm[t]
+
+    @property
+    def scale(self) -> float:
+        return update_scale(self.alpha, self.size)
+
+    def check_shape(self, shape: tuple[int, ...], where: Path) -> None:
+        """Refuse an adapter that cannot belong to a weight of this ``shape`` (another base)."""
+        if len(shape) != 2:
+            raise ExportError(f"{where}: {self.hf_key} has shape {shape}, not a matrix")
+        d_out, d_in = shape
+        t, k = self.tensors, self.size
+        if self.kind == "pmss":
+            ok = (t["core"].shape == (k, k) and t["row_idx"].shape == (k,) and t["col_idx"].shape == (k,)
+                  and t["row_idx"].dtype == t["col_idx"].dtype == torch.int64
+                  and 0 <= int(t["row_idx"].min()) and int(t["row_idx"].max()) < d_out
+                  and 0 <= int(t["col_idx"].min()) and int(t["col_idx"].max()) < d_in)
+        else:
+            ok = t["lora_a"].shape == (k, d_in) and t["lora_b"].shape == (d_out, k)
+        if not ok:
+            shapes = {name: tuple(v.shape) for name, v in t.items()}
+            size = f"{'k' if self.kind == 'pmss' else 'r'}={k}"
+            raise ExportError(f"adapter layer {self.name} ({shapes}, {size}) does not fit {self.hf_key} "
+                              f"{shape} in {where}: the adapter was trained on another base model")
+
+    def factors(self, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` in HF layout with ``update = scale · left @ right``: PMSS ``(C·U, R)``
+        from the base ``weight`` (`pmss_factors`), LoRA ``(B, A)`` (`lora_factors`; ``weight`` only
+        sets the dtype); in `merge_dtype`. Only the q/k row permutation is done here."""
+        t = self.tensors
+        if self.kind == "pmss":
+            rows = t["row_idx"] if self.perm is None else self.perm[t["row_idx"]]  # R = W_hf[perm[I], :]
+            return pmss_factors(weight, t["core"], rows, t["col_idx"])
+        b, a = lora_factors(t["lora_a"], t["lora_b"], merge_dtype(weight))
+        if self.perm is not None:
+            b = torch.empty_like(b).index_copy_(0, self.perm, b)  # HF row perm[t] <- torchtune row t
+        return b, a
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + s·left·right`` in the weight's dtype (computed in fp32, as `merge_adapters` does)."""
+        left, right = self.factors(weight)
+        return merge_update(weight, self.scale * (left @ right))
+
+
+def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, LayerUpdate]]:
+    """The adapter's metadata and ``{HF weight key: LayerUpdate}``. Every tensor of the adapter
+    must map to an HF weight: an unknown tensor or layer is an error, never dropped."""
+    state, meta = read_adapter(adapter_dir)
+    where = adapter_dir / ADAPTER_WEIGHTS
+    kind = meta.get("kind")
+    if kind not in ADAPTER_TENSORS:
+        raise ExportError(f"{adapter_dir / ADAPTER_META}: unknown adapter kind {kind!r}; "
+                          f"expected one of {sorted(ADAPTER_TENSORS)}")
+    try:
+        size, alpha = int(meta["rank"]), float(meta["alpha"])  # "rank": k for PMSS, r for LoRA
+        if size <= 0:
+            raise ValueError(f"rank {size} is not positive")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"{adapter_dir / ADAPTER_META}: needs numeric 'rank' and 'alpha' ({err})") from err
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        layer, _, attr = key.rpartition(".")
+        if attr not in ADAPTER_TENSORS[kind] or layer.rpartition(".")[2] not in _PROJECTIONS:
+            raise ExportError(f"{where}: tensor {key!r} is not part of a {kind} adapter on a projection "
+                              f"({', '.join(sorted(_PROJECTIONS))}); refusing to export without it")
+        layers.setdefault(layer, {})[attr] = value
+    if not layers:
+        raise ExportError(f"{where} holds no adapter tensors")
+    perms = row_permutations(hf_config)
+    updates = {}
+    for layer, tensors in layers.items():
+        missing = set(ADAPTER_TENSORS[kind]) - set(tensors)
+        if missing:
+            raise ExportError(f"{where}: layer {layer} lacks {sorted(missing)}")
+        try:
+            hf_key = tune_key_to_hf(f"{layer}.weight")
+        except KeyError as err:
+            raise ExportError(f"{where}: layer {layer} has no Hugging Face name; refusing to drop it") from err
+        updates[hf_key] = LayerUpdate(layer, hf_key, kind, size, alpha, tensors,
+                                      permutation_for(f"{layer}.weight", perms))
+    return {**meta, "rank": size, "alpha": alpha}, updates
+
+
+def _load(adapter_dir, base_dir, check_base: bool):
+    """Parse and validate everything before a byte is written: config, adapter, that the adapter
+    belongs to this base, and that every adapted weight exists with a fitting shape."""
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+    hf_config = read_hf_config(base_dir)
+    meta, updates = read_updates(adapter_dir, hf_config)
+    if check_base:
+        check_base_fingerprint(adapter_dir, meta.get("base_fingerprint"), base_dir, _BASE_FIX, ExportError)
+    files = weight_files(base_dir)
+    for hf_key, update in updates.items():
+        if hf_key not in files:
+            raise ExportError(f"{base_dir} has no tensor {hf_key} for adapter layer {update.name}")
+        with open_safetensors(files[hf_key]) as f:
+            update.check_shape(tuple(f.get_slice(hf_key).get_shape()), files[hf_key])
+    return meta, updates, files
+
+
+def _check_out_dir(out_dir: Path, *inputs: Path) -> None:
+    for path in inputs:
+        if out_dir.resolve() == path.resolve():
+            raise ExportError(f"output directory {out_dir} is also an input ({path}); choose a new directory")
+
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte range of each tensor's data (the file was validated by ``safe_open``)."""
+    header_len, raw = read_safetensors_header(path)
+    header = json.loads(raw)
+    start = 8 + header_len
+    return {key: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for key, v in header.items() if key != "__metadata__"}
+
+
+def _write_replaced_file(src: Path, dst: Path, replace: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """``dst`` = ``src`` with each tensor named in ``replace`` overwritten by ``replace[key](base
+    tensor)`` (same shape and dtype), byte for byte elsewhere; one tensor in memory at a time.
+    Written under a temporary name, then renamed."""
+    if sys.byteorder != "little":
+        raise ExportError("safetensors data is little-endian; in-place merge needs a little-endian host")
+
+    def write(tmp: str) -> None:
+        shutil.copyfile(src, tmp)
+        if not replace:
+            return
+        offsets = _safetensors_offsets(src)
+        with open_safetensors(src) as f, open(tmp, "r+b") as out:
+            for hf_key, new_value in replace.items():
+                value = new_value(f.get_tensor(hf_key)).contiguous()
+                start, end = offsets[hf_key]
+                data = value.view(torch.uint8).numpy()
+                assert data.nbytes == end - start, f"{hf_key}: new size differs from the base's"
+                out.seek(start)
+                out.write(data.tobytes())
+
+    atomic_write(dst, write)
+
+
+def _prepare_out_dir(out_dir: Path, base_dir: Path, paths: list[Path]) -> None:
+    """Create ``out_dir``, refusing one that holds adapter files or weight files of another model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ours = {p.name for p in paths}
+    for entry in out_dir.iterdir():
+        if entry.name in ADAPTER_FILES:
+            raise ExportError(f"{entry} exists: adapter files beside merged weights get applied twice "
+                              "by transformers; use a directory without them")
+        if entry.name.endswith(".safetensors") and entry.name not in ours:
+            raise ExportError(f"{entry} is not a file of {base_dir} (left from another export?); "
+                              "use an empty directory")
+
+
+def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                  *, rank: int = 0, world_size: int = 1, check_base: bool = True) -> Path:
+    """Write ``base_dir`` with the adapter of ``adapter_dir`` folded in to ``out_dir``: same weight
+    files, index, dtypes and key names as the base, config and tokenizer files copied, no adapter
+    files. With ``world_size > 1`` each rank writes every ``world_size``-th weight file and rank 0
+    the side files; call it on every rank, then barrier."""
+    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
+    _check_out_dir(out_dir, base_dir, adapter_dir)
+    _, updates, files = _load(adapter_dir, base_dir, check_base)
+    paths = sorted(set(files.values()))
+    _prepare_out_dir(out_dir, base_dir, paths)
+    by_file: dict[Path, dict] = {}
+    for hf_key, update in updates.items():
+        by_file.setdefault(files[hf_key], {})[hf_key] = update.merged
+    mine = paths[rank::world_size]
+    for i, path in enumerate(mine, 1):
+        _write_replaced_file(path, out_dir / path.name, by_file.get(path, {}))
+        if progress:
+            print_main(f"export_merged: [{i}/{len(mine)}] {path.name}: "
+                       f"{len(by_file.get(path, {}))} adapted weight(s) merged")
+    if rank == 0:
+        copied = copy_side_files(base_dir, out_dir)
+        if progress:
+            print_main(f"export_merged: {len(updates)} weights merged into {out_dir} "
+                       f"(copied {', '.join(copied)})")
+    return out_dir
+
+
+def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                *, rank: int = 0, world_size: int = 1, check_base: bool = True) -> Path:
+    """Write the weights of a full fine-tuning step checkpoint (``adapter.kind: full``) to ``out_dir``
+    in ``base_dir``'s file layout, index and dtypes, config and tokenizer files copied, as
+    `export_merged` does with an adapter. Reads the DCP files in this process (no process group);
+    peak memory is one base file's tensors in fp32. Files are divided among ranks the same way."""
+    checkpoint_dir, base_dir, out_dir = Path(checkpoint_dir), Path(base_dir), Path(out_dir)
+    _check_out_dir(out_dir, base_dir, checkpoint_dir)
+    try:
+        record = read_record(checkpoint_dir)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
+    kind = (record.config or {}).get("adapter", {}).get("kind")
+    if kind != FULL:
+        raise ExportError(f"{checkpoint_dir} is a checkpoint of a {kind or 'pre-config'} run, not of full "
+                          "fine-tuning: export its adapter (pmss-export --run) instead")
+    if check_base:
+        check_base_fingerprint(checkpoint_dir, record.base_fingerprint, base_dir, _BASE_FIX, ExportError)
+    hf_config = read_hf_config(base_dir)
+    files = weight_files(base_dir)
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    tune_names = [key.removeprefix("model.") for key in metadata if key.startswith("model.")]
+    try:  # the same two-way check as loading: every trained tensor has a base tensor, and back
+        tune_of = {hf: tune for tune, hf in match_keys(tune_names, files, hf_config, base_dir).items()}
+    except (KeyError, ValueError) as err:
+        raise ExportError(f"{checkpoint_dir} does not hold the weights of {base_dir}: {err}") from err
+    if tied_embeddings(hf_config) and "lm_head.weight" in files:
+        tune_of["lm_head.weight"] = "tok_embeddings.weight"  # a tied copy the base carries: keep it equal
+    perms = row_permutations(hf_config)
+    paths = sorted(set(files.values()))
+    _prepare_out_dir(out_dir, base_dir, paths)
+    mine = paths[rank::world_size]
+    for i, path in enumerate(mine, 1):
+        keys = {hf_key: f"model.{tune_of[hf_key]}" for hf_key, file in files.items()
+                if file == path and hf_key in tune_of}
+        state = {dcp_key: torch.empty(tuple(metadata[dcp_key].size), dtype=metadata[dcp_key].properties.dtype)
+                 for dcp_key in keys.values()}
+        dcp.load(state, checkpoint_id=checkpoint_dir, no_dist=True)
+        replace = {k: _trained_weight(k, state[dcp_key], permutation_for(tune_of[k], perms), path)
+                   for k, dcp_key in keys.items()}
+        _write_replaced_file(path, out_dir / path.name, replace)
+        if progress:
+            print_main(f"export_full: [{i}/{len(mine)}] {path.name}: {len(keys)} trained weight(s)")
+    if rank == 0:
+        copied = copy_side_files(base_dir, out_dir)
+        if progress:
+            print_main(f"export_full: {len(tune_of)} weights of {checkpoint_dir.name} in {out_dir} "
+                       f"(copied {', '.join(copied)})")
+    return out_dir
+
+
+def _trained_weight(hf_key: str, value: torch.Tensor, perm: torch.Tensor | None, where: Path):
+    """A ``replace`` entry for `_write_replaced_file`: the trained tensor in HF row order, cast to
+    the base tensor's dtype after checking that it has the base tensor's shape."""
+    if perm is not None:
+        value = torch.empty_like(value).index_copy_(0, perm, value)  # HF row perm[t] <- torchtune row t
+
+    def new_value(base: torch.Tensor) -> torch.Tensor:
+        if value.shape != base.shape:
+            raise ExportError(f"trained {hf_key} has shape {tuple(value.shape)}, {where} has "
+                              f"{tuple(base.shape)}: the checkpoint belongs to another base model")
+        return value.to(base.dtype)
+
+    return new_value
+
+
+def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = False,
+                *, check_base: bool = True) -> Path:
+    """Write the adapter's update as a standard PEFT LoRA (``adapter_config.json`` +
+    ``adapter_model.safetensors``, fp32, HF layout) that ``PeftModel.from_pretrained(base, out_dir)``
+    loads. PMSS: rank k, ``lora_A = R``, ``lora_B = s·C·U``, ``lora_alpha = r = k`` (PEFT's scale 1).
+    LoRA: ``lora_A = A``, ``lora_B = B``, its own ``r`` and ``lora_alpha``."""
+    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
+    _check_out_dir(out_dir, base_dir, adapter_dir)
+    meta, updates, files = _load(adapter_dir, base_dir, check_base)
+    if out_dir.is_dir():
+        clash = [p.name for p in out_dir.iterdir()
+                 if p.name in ("config.json", INDEX_FILE) or (p.suffix == ".safetensors" and p.name != PEFT_WEIGHTS)]
+        if clash:
+            raise ExportError(f"{out_dir} holds model files {clash}: keep the PEFT adapter in its own "
+                              "directory, or transformers applies it to the weights found there")
+    tensors = {}
+    for i, (hf_key, update) in enumerate(sorted(updates.items()), 1):
+        if update.kind == "pmss":
+            with open_safetensors(files[hf_key]) as f:
+                left, right = update.factors(f.get_tensor(hf_key))
+            left = update.scale * left  # PEFT's own scale is 1 (alpha = r)
+        else:
+            left, right = update.factors(None)  # PEFT applies alpha / r itself
+        module = hf_key.removesuffix(".weight")
+        tensors[f"base_model.model.{module}.lora_A.weight"] = right.float().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = left.float().contiguous()
+        if progress and i % 16 == 0:
+            print_main(f"export_peft: {i}/{len(updates)} layers")
+    r = meta["rank"]  # PEFT's LoRA rank: k for a PMSS adapter
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir.resolve()),
+        "r": r, "lora_alpha": r if meta["kind"] == "pmss" else meta["alpha"],
+        "target_modules": sorted({key.split(".")[-2] for key in updates}),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "revision": None,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out_dir / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    if progress:
+        print_main(f"export_peft: {len(updates)} layers as PEFT LoRA (r={r}) in {out_dir}")
+    return out_dir

@@ -1,0 +1,74 @@
+"""Process-group set-up from torchrun's environment, or from SLURM's when started by ``srun``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; ``srun`` with one task per GPU sets SLURM_PROCID/
+    SLURM_NTASKS/SLURM_LOCALID (MASTER_ADDR/MASTER_PORT then come from the sbatch script). A
+    plain ``python launch/train.py`` is a world of one, so every run takes the same FSDP2 path."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if torch.cuda.is_available():
+        # Under srun --gpus-per-task each task sees only its own GPU(s).
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None)
+    mesh = init_device_mesh(device.type, (world_size,))
+    return DistEnv(rank, world_size, local_rank, device, mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        # Without this barrier gloo sometimes aborts at exit while a peer is still tearing down.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print_main(message: str) -> None:
+    """Print to stderr from rank 0 only (from every process when no process group is up)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,295 @@
+"""The training job: build on meta, shard, load the base, select skeletons, train, save.
+
+One code path for 1..N processes on CPU (gloo) and GPU (NCCL). The loss of a step is the summed
+token cross-entropy of the *global* batch divided by its token count, so losses and updates do
+not depend on the world size or the accumulation split.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pmss_dist.adapters.io import adapter_meta, save_adapter
+from pmss_dist.adapters.layers import FULL, AdapterSpec, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
+from pmss_dist.adapters.selection import load_selection, save_selection
+from pmss_dist.build import build_model
+from pmss_dist.config import BUILTIN_TINY, TrainConfig, check_world_size, to_dict
+from pmss_dist.data import batches as batch_lib
+from pmss_dist.data import examples as data_lib
+from pmss_dist.data.tokenizers import load_tokenizer
+from pmss_dist.eval.loss import evaluate_loss, token_loss_sum
+from pmss_dist.hf.export import export_full, export_merged
+from pmss_dist.hf.load import base_fingerprint, read_hf_config
+from pmss_dist.models.builtin import write_tiny_checkpoint
+from pmss_dist.parallel.env import DistEnv, init_distributed, print_main, shutdown
+from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
+from pmss_dist.train.checkpoint import CheckpointManager, step_name
+from pmss_dist.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
+from pmss_dist.train.run_dir import RunDir
+
+
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
+# launch/slurm requeues the job on it.
+EXIT_REQUEUE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 (SLURM's warning before the time limit, or preemption) so the
+    current step finishes and every rank saves, instead of dying mid-step."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0 if none): all ranks stop at the same step."""
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def resolve_base_dir(cfg: TrainConfig, run_dir: RunDir, env: DistEnv) -> Path:
+    base = run_dir.base_dir(cfg.model.path)
+    if cfg.model.path == BUILTIN_TINY:
+        if env.is_main:
+            write_tiny_checkpoint(base, seed=0)
+        dist.barrier()
+    return base
+
+
+def lr_lambda(cfg: TrainConfig):
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class Run:
+    """Everything a training run holds once it is set up (``setup``) and ready to ``fit``."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    run_dir: RunDir
+    model: torch.nn.Module
+    params: list  # everything the optimizer steps
+    replicated: list  # the adapters' tensors among them, whose gradients `all_reduce_grads` sums
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: batch_lib.GlobalBatchSampler
+    dataset: list
+    tokenizer: object
+    checkpoints: CheckpointManager
+    base_dir: Path
+    hf_config: dict
+    fingerprint: str
+    grad_accum: int
+    start_step: int = 0
+    losses: list = field(default_factory=list)
+    eval_batches: list = field(default_factory=list)  # this rank's held-out batches (data.eval_source)
+    eval_losses: list = field(default_factory=list)  # [step, loss] pairs of this run
+
+
+def train(cfg: TrainConfig) -> dict:
+    stop = StopRequest()  # before the slow start-up, so an early SIGUSR1 still ends in a save
+    env = init_distributed()
+    try:
+        summary = fit(setup(cfg, env), stop)
+    finally:
+        stop.restore()
+    # Only a run that ended normally meets its peers at the exit barrier; a failing rank exits
+    # at once and torchrun stops the others, rather than all waiting on each other.
+    shutdown()
+    return summary
+
+
+def _select_or_load_skeletons(run: Run) -> None:
+    """Skeleton indices come from ``adapter.selection_file`` when it exists (refused if made for
+    another base or config), else are computed; either way they are written to the run's
+    ``selection.json`` (and to ``adapter.selection_file`` when it names a file not there yet)."""
+    cfg, env = run.cfg, run.env
+    layers = {n: m for n, m in adapter_layers(run.model).items() if isinstance(m, PMSSLinear)}
+    key = dict(method=cfg.adapter.method, k=cfg.adapter.rank, seed=cfg.seed, base_fingerprint=run.fingerprint)
+    given = Path(cfg.adapter.selection_file) if cfg.adapter.selection_file else None
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    selections = None
+    if given is not None and given.is_file():
+        selections = load_selection(given, shapes=shapes, **key)
+        print_main(f"reusing skeleton selection from {given}")
+    selections = assign_skeletons(run.model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
+                                  selections=selections, progress=env.is_main)
+    if env.is_main:
+        save_selection(run.run_dir.selection, selections, shapes=shapes, **key)
+        if given is not None and not given.is_file():
+            save_selection(given, selections, shapes=shapes, **key)
+    dist.barrier()
+
+
+def setup(cfg: TrainConfig, env: DistEnv) -> Run:
+    """Build on meta, shard, load the base shard by shard, then resume or select skeletons."""
+    grad_accum = check_world_size(cfg, env.world_size)
+    torch.manual_seed(cfg.seed)
+    run_dir = RunDir(cfg.output_dir)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    base_dir = resolve_base_dir(cfg, run_dir, env)
+    hf_config = read_hf_config(base_dir)
+    fingerprint = base_fingerprint(base_dir)
+    a = cfg.adapter
+    model = build_model(hf_config, adapter=AdapterSpec(a.kind, tuple(a.targets), a.rank, a.alpha), mesh=env.mesh,
+                        device=env.device, dtype=getattr(torch, cfg.model.dtype), parallel=cfg.parallel,
+                        weights=base_dir, max_seq_len=cfg.data.seq_len, seed=cfg.seed)
+
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    tokenizer = load_tokenizer(base_dir)
+    dataset = data_lib.build_dataset(cfg.data, tokenizer, seed=cfg.seed)
+    sampler = batch_lib.GlobalBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed)
+    checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint, env.rank, model=model, optimizer=optimizer,
+                                    scheduler=scheduler, sampler=sampler, config=to_dict(cfg), base_dir=base_dir,
+                                    base_fingerprint=fingerprint, selection_file=run_dir.selection)
+    run = Run(cfg, env, run_dir, model, params, replicated_parameters(model), optimizer, scheduler, sampler, dataset,
+              tokenizer, checkpoints, base_dir, hf_config, fingerprint, grad_accum)
+    if cfg.data.eval_every:
+        eval_set = data_lib.build_eval_dataset(cfg.data, tokenizer, seed=cfg.seed)
+        run.eval_batches = batch_lib.eval_micro_batches(
+            eval_set, env.rank, env.world_size, cfg.data.micro_batch_size, cfg.data.seq_len, tokenizer.pad_id,
+            max_samples=cfg.data.eval_batches * cfg.data.batch_size)
+
+    checkpoints.clean_partials()
+    # Indices, cores and optimizer state of a resumed run all come from its checkpoint.
+    record = checkpoints.resume()
+    if record is not None:
+        run.start_step, run.losses = record.step, record.losses
+    elif cfg.adapter.kind == "pmss":
+        _select_or_load_skeletons(run)
+    return run
+
+
+def train_step(run: Run) -> tuple[float, float, float]:
+    """One optimizer step on the next global batch; returns (loss, grad norm, global tokens)."""
+    cfg, env = run.cfg, run.env
+    micro = batch_lib.rank_micro_batches(run.sampler.next_batch(), env.rank, env.world_size,
+                                         cfg.data.micro_batch_size)
+    batches = [batch_lib.collate([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
+               for mb in micro]
+    assert len(batches) == run.grad_accum
+    counts = torch.tensor([sum(int((b["labels"] != data_lib.IGNORE_INDEX).sum()) for b in batches),
+                           sum(b["tokens"].numel() for b in batches)], device=env.device, dtype=torch.float64)
+    dist.all_reduce(counts)
+    global_targets, global_tokens = counts.tolist()
+    loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
+    for batch in batches:
+        loss, _ = token_loss_sum(run.model, batch, env.device)
+        (loss / global_targets).backward()
+        loss_sum += loss.detach()
+    all_reduce_grads(run.replicated)
+    dist.all_reduce(loss_sum)
+    step_loss = loss_sum.item() / global_targets
+    if not math.isfinite(step_loss):
+        raise NonFiniteLossError(f"loss is {step_loss} at step {run.sampler.step}: stopped before the optimizer "
+                                 "step, the last checkpoint is untouched; lower optim.lr or check the data")
+    grad_norm = clip_grad_norm(run.params, cfg.optim.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return step_loss, float(grad_norm), global_tokens
+
+
+def fit(run: Run, stop: StopRequest) -> dict:
+    """Train from ``run.start_step`` to ``max_steps`` (or until a stop signal), checkpointing as
+    the checkpoint manager's policy says; rank 0 then writes the adapter, the resolved config and
+    ``summary.json``."""
+    cfg, env, run_dir = run.cfg, run.env, run.run_dir
+    logger = MetricsLogger(run_dir.tensorboard if cfg.log.tensorboard else None, env.is_main)
+    model_flops_per_token = flops_per_token(run.model, run.hf_config, cfg.data.seq_len)
+    peak = peak_flops(env.device)
+    tokens_seen, stopped_by = 0, 0
+    t_last, steps_since_log = time.perf_counter(), 0
+    run.model.train()
+    for step in range(run.start_step + 1, cfg.max_steps + 1):
+        step_loss, grad_norm, global_tokens = train_step(run)
+        run.losses.append(step_loss)
+        tokens_seen += int(global_tokens)
+        steps_since_log += 1
+        if step % cfg.log.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            tps = steps_since_log * global_tokens / (now - t_last)
+            t_last, steps_since_log = now, 0
+            scalars = {"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0],
+                       "train/grad_norm": grad_norm, "perf/tokens_per_s": tps,
+                       "perf/tokens_per_s_per_device": tps / env.world_size}
+            if peak:
+                scalars["perf/mfu"] = tps / env.world_size * model_flops_per_token / peak
+            mem = peak_memory_gib(env.device)
+            if mem is not None:
+                scalars["perf/peak_memory_gib"] = mem
+            logger.log(step, cfg.max_steps, scalars)
+        if cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.max_steps):
+            eval_loss = evaluate_loss(run.model, run.eval_batches, env.device)  # collective: every rank
+            run.eval_losses.append([step, eval_loss])
+            logger.log(step, cfg.max_steps, {"eval/loss": eval_loss})
+        stopped_by = stop.agreed(env.device)
+        if run.checkpoints.due(step, cfg.max_steps, stopping=bool(stopped_by)):
+            run.checkpoints.save(step, run.losses)
+        if stopped_by:
+            break
+    run.checkpoints.finish_pending()
+    logger.close()
+
+    losses = run.losses
+    counts = count_parameters(run.model)
+    summary = {"initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+               "losses": losses, "steps": len(losses), "completed": not stopped_by,
+               "stopped_by_signal": signal.Signals(stopped_by).name if stopped_by else None,
+               "trainable_params": counts["trainable"], "total_params": counts["total"],
+               "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind,
+               "eval_losses": run.eval_losses}
+    full = cfg.adapter.kind == FULL
+    if env.is_main:
+        if not full:  # a full fine-tuning run's weights are its checkpoints (and merged/)
+            save_adapter(run.model, run_dir.adapter, adapter_meta(to_dict(cfg)["adapter"], str(run.base_dir),
+                                                                  run.fingerprint))
+        run_dir.write_json(run_dir.config, to_dict(cfg))
+    dist.barrier()
+    if cfg.export_merged and not stopped_by:
+        # The servable result in the base's own file layout: the base with the adapter folded in,
+        # or the fully trained weights read back from the final checkpoint. Each rank writes a
+        # share of the weight files, one tensor (adapter) or one file (full) in memory at a time.
+        if full:
+            export_full(run_dir.checkpoints / step_name(cfg.max_steps), run.base_dir, run_dir.merged,
+                        progress=env.is_main, rank=env.rank, world_size=env.world_size)
+        else:
+            export_merged(run_dir.adapter, run.base_dir, run_dir.merged, progress=env.is_main,
+                          rank=env.rank, world_size=env.world_size)
+        dist.barrier()
+    if env.is_main:  # written last: its presence means everything above is on disk
+        run_dir.write_json(run_dir.summary, summary)
+    dist.barrier()
+    return summary

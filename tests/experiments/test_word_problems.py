@@ -1,0 +1,117 @@
+"""GSM8K-style word problem generator: determinism, self-consistency, splits, answer parsing."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pmss_dist.eval.scoring import extract_final_number
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = ROOT / "experiments" / "pmss_vs_lora"
+sys.path.insert(0, str(EXPERIMENT))  # the experiment's modules sit beside its scripts, not in the library
+from word_problems import (TEMPLATES, _Work, check_calculations, evaluate_expression,  # noqa: E402
+                           make_dataset, make_problem, make_split)
+
+
+def test_deterministic_by_seed():
+    assert make_split(50, seed=3) == make_split(50, seed=3)
+    assert make_split(50, seed=3) != make_split(50, seed=4)
+    assert make_dataset(40, 30, seed=1) == make_dataset(40, 30, seed=1)
+    assert make_problem(random.Random(7)) == make_problem(random.Random(7))
+
+
+def test_answers_are_consistent():
+    problems = make_split(600, seed=0)
+    for p in problems:
+        assert set(p) == {"question", "answer", "final", "expression"}
+        assert isinstance(p["final"], int) and p["final"] > 0
+        assert evaluate_expression(p["expression"]) == p["final"], p
+        assert extract_final_number(p["answer"]) == str(p["final"]), p
+        assert p["answer"].splitlines()[-1] == f"#### {p['final']}"
+        steps = p["answer"].count("<<")
+        assert 2 <= steps <= 4, p["answer"]
+        assert check_calculations(p["answer"]) == (steps, steps), p["answer"]
+    assert len({p["question"] for p in problems}) == len(problems)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_each_template_is_exact(name):
+
+    assert len(TEMPLATES) >= 6
+    rng = random.Random(name)
+    for _ in range(200):
+        work = _Work()
+        question, expression, final = TEMPLATES[name](rng, work)
+        assert question.endswith("?") and final > 0
+        assert evaluate_expression(expression) == final, (name, expression)
+        assert 2 <= len(work.lines) <= 4
+
+
+def test_test_set_disjoint_and_fixed_by_seed():
+    train, test = make_dataset(2000, 500, seed=0)
+    assert len(train) == 2000 and len(test) == 500
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    # The test set does not depend on how much training data is asked for.
+    assert make_dataset(10, 500, seed=0)[1] == test
+    assert make_dataset(10, 500, seed=1)[1] != test
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("He has 5 + 3 = <<5+3=8>>8.\n#### 1,234", "1234"),
+    ("The answer is -3.", "-3"),
+    ("It costs $12.50", "12.5"),
+    ("12.0", "12"),
+    ("so the total is $1,000.00.", "1000"),
+    ("no digits here", None),
+    ("", None),
+    ("#### 5\nwait, actually\n#### 7", "7"),
+    ("#### 42 apples, not 3", "42"),
+    ("pages 3-4, then 10 more", "10"),
+    ("first 7 then -0", "0"),
+    ("We get 18 eggs.\n#### $18.", "18"),
+    ("####", None),
+])
+def test_extract_final_number(text, expected):
+    assert extract_final_number(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["__import__('os')", "2 ** 10", "1.5 + 2", "abs(-3)", "x + 1",
+                                 "[1, 2]", "1 if 1 else 2"])
+def test_evaluator_rejects_non_arithmetic(bad):
+    with pytest.raises((ValueError, SyntaxError)):
+        evaluate_expression(bad)
+
+
+def test_evaluator_is_exact():
+    assert evaluate_expression("(7 - 1) / 4 * 2") == 3
+    assert evaluate_expression("-(2 + 3) * 4") == -20
+
+
+@pytest.mark.slow
+def test_cli_writes_jsonl(tmp_path):
+    result = subprocess.run([sys.executable, str(EXPERIMENT / "make_word_problems.py"),
+                             "--out", str(tmp_path), "--train", "30", "--test", "20", "--seed", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = {split: [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+            for split in ("train", "test")}
+    assert len(rows["train"]) == 30 and len(rows["test"]) == 20
+    assert all(set(r) == {"question", "answer"} for r in rows["train"] + rows["test"])
+    train, test = make_dataset(30, 20, seed=2)
+    assert rows["test"] == [{"question": p["question"], "answer": p["answer"]} for p in test]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("It is 3 * 4 = <<3*4=12>>12. Then <<12-5=7>>7.\n#### 7", (2, 2)),
+    ("<<3*4=13>>13 and <<10/4=2.5>>2.5", (1, 2)),          # a wrong product; an exact fraction
+    ("<<3*4=12>> <<2+=4>> <<x*2=4>> <<5/0=1>> <<1+1=two>> <<3-3=>>", (1, 6)),  # malformed ones count as wrong
+    ("The answer is 4.", (0, 0)),
+])
+def test_check_calculations(text, expected):
+    assert check_calculations(text) == expected

@@ -1,0 +1,65 @@
+"""Files written before the package restructure (commit 45f93b8, tests/fixtures/run_45f93b8) still
+load: its step checkpoint resumes to the same result as an uninterrupted run of today's code, its
+selection file is reused as is, and its adapter exports to the update it holds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_job, summary
+
+pytestmark = pytest.mark.slow
+
+OLD = REPO / "tests" / "fixtures" / "run_45f93b8"
+# The settings the fixture was written with (its README), run here to 4 steps.
+SETTINGS = ["adapter.rank=4", "adapter.alpha=4", "model.dtype=float32", "data.num_samples=64", "data.batch_size=8",
+            "data.micro_batch_size=4", "log.log_every=1", "export_merged=false", "log.tensorboard=false",
+            "checkpoint.every_steps=2", "max_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compat") / "uninterrupted"
+    run_job(1, [*SETTINGS, f"output_dir={out}"])
+    return out
+
+
+def test_old_checkpoint_resumes_like_an_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(OLD / "checkpoints", out / "checkpoints")
+    shutil.copy(OLD / "selection.json", out / "selection.json")
+    proc = run_job(1, [*SETTINGS, f"output_dir={out}"])
+    assert "at step 2" in proc.stderr  # resumed from the old step checkpoint, did not start over
+    assert summary(out)["losses"] == summary(uninterrupted)["losses"]
+    ours, theirs = (load_file(str(d / "adapter" / "adapter.safetensors")) for d in (out, uninterrupted))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_old_selection_file_is_reused(uninterrupted, tmp_path):
+    out = tmp_path / "reuse"
+    proc = run_job(1, [*SETTINGS, f"output_dir={out}", "max_steps=1", f"adapter.selection_file={OLD / 'selection.json'}"])
+    assert "reusing skeleton selection" in proc.stderr
+    old, new = json.loads((OLD / "selection.json").read_text()), json.loads((out / "selection.json").read_text())
+    assert new == old
+
+
+def test_old_adapter_exports_the_update_it_holds(uninterrupted, tmp_path):
+    from pmss_dist.cli.export import main as export
+
+    base = uninterrupted / "base_model"
+    assert export(["--adapter", str(OLD / "adapter"), "--base", str(base), "--out", str(tmp_path / "merged")]) == 0
+    meta = json.loads((OLD / "adapter" / "adapter.json").read_text())
+    adapter = load_file(str(OLD / "adapter" / "adapter.safetensors"))
+    w = load_file(str(base / "model.safetensors"))["model.layers.1.mlp.gate_proj.weight"]
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["model.layers.1.mlp.gate_proj.weight"]
+    core, rows, cols = (adapter[f"layers.1.mlp.w1.{name}"] for name in ("core", "row_idx", "col_idx"))
+    expected = w + meta["alpha"] / meta["rank"] * (w[:, cols] @ core @ w[rows, :])  # W + s·C·U·R, by hand
+    assert core.abs().sum() > 0
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
