@@ -139,7 +139,7 @@ def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, La
         if missing:
             raise ExportError(f"{where}: layer {layer} lacks {sorted(missing)}")
         try:
-            hf_key = tune_key_to_hf(f"{layer}.weight")
+            hf_key = tune_key_to_hf(f"{layer}.weight", hf_config)
         except KeyError as err:
             raise ExportError(f"{where}: layer {layer} has no Hugging Face name; refusing to drop it") from err
         updates[hf_key] = LayerUpdate(layer, hf_key, kind, size, alpha, tensors,

@@ -16,13 +16,9 @@ from torchtune.models.convert_weights import _FROM_HF
 
 from pmss_dist.models import head_dim, model_family, tied_embeddings
 
-# torchtune key (with "{}" for the layer) -> HF key. Built from torchtune's own map.
-TUNE_TO_HF = {tune: hf for hf, tune in _FROM_HF.items() if tune is not None}
-# Families whose attention projections carry biases (Qwen2's q/k/v).
-_BIAS_KEYS = {"layers.{}.attn.q_proj.bias": "model.layers.{}.self_attn.q_proj.bias",
-              "layers.{}.attn.k_proj.bias": "model.layers.{}.self_attn.k_proj.bias",
-              "layers.{}.attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias"}
-TUNE_TO_HF.update(_BIAS_KEYS)
+# torchtune key (with "{}" for the layer) -> HF key, shared by every family: torchtune's own map.
+# A family module adds its own keys in ``HF_KEYS`` (Qwen2's q/k/v biases, ...).
+COMMON_KEYS = {tune: hf for hf, tune in _FROM_HF.items() if tune is not None}
 # Checkpoint tensors that hold nothing the model needs (old Llama saves carry RoPE frequencies).
 _DERIVED_HF_KEYS = {hf for hf, tune in _FROM_HF.items() if tune is None}
 
@@ -33,12 +29,18 @@ def _template(key: str) -> tuple[str, str | None]:
     return (key.replace(f".{layer}.", ".{}.", 1) if layer is not None else key), layer
 
 
-def tune_key_to_hf(key: str) -> str:
+def key_map(hf_config: dict) -> dict[str, str]:
+    """torchtune key template -> HF key template for the family ``hf_config`` describes."""
+    return {**COMMON_KEYS, **getattr(model_family(hf_config), "HF_KEYS", {})}
+
+
+def tune_key_to_hf(key: str, hf_config: dict) -> str:
     """``layers.3.attn.q_proj.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     template, layer = _template(key)
-    if template not in TUNE_TO_HF:
+    keys = key_map(hf_config)
+    if template not in keys:
         raise KeyError(f"no Hugging Face name for parameter {key!r}: export would drop it")
-    return TUNE_TO_HF[template].format(layer)
+    return keys[template].format(layer)
 
 
 def qk_row_permutation(n_heads: int, hd: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ def permutation_for(tune_key: str, perms: dict[str, torch.Tensor]) -> torch.Tens
 def match_keys(tune_names, files: dict[str, Path], hf_config: dict, ckpt_dir: Path) -> dict[str, str]:
     """``{torchtune name: HF key}`` for every base parameter; fails naming the first parameter
     the checkpoint lacks or the first checkpoint tensor the model has no place for."""
-    pairs = {name: tune_key_to_hf(name) for name in tune_names}
+    pairs = {name: tune_key_to_hf(name, hf_config) for name in tune_names}
     missing = [f"{hf} (for {name})" for name, hf in pairs.items() if hf not in files]
     if missing:
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "

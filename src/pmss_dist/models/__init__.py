@@ -1,9 +1,17 @@
 """torchtune decoders built from a Hugging Face ``config.json``: the table of supported families.
 
-torchtune owns the architectures; each family module (``llama``, ``mistral``, ``qwen2``,
-``gemma``) maps HF config fields onto its builder and says whether its q/k rows are permuted
-between HF's and torchtune's RoPE layouts. An architecture not in `FAMILIES` fails before any
-work is done.
+torchtune owns the architectures; a family module (``llama``, ``mistral``, ``qwen2``, ``gemma``)
+says everything pmss_dist must know of one HF class:
+
+- ``ARCHITECTURE``: the HF class name in ``config.json``'s ``architectures``;
+- ``PERMUTED_QK``: whether q/k rows are permuted between HF's RoPE layout (halves) and torchtune's
+  (interleaved pairs) on import and export;
+- ``build(hf_config, **common)``: the torchtune decoder, from the fields every family shares
+  (`build_decoder` reads them) and its own;
+- optionally ``HF_KEYS`` (torchtune key template -> HF key template, beyond torchtune's common map)
+  and ``TIED_BY_DEFAULT`` (the output shares the embedding unless ``tie_word_embeddings`` says no).
+
+An architecture not in `FAMILIES` fails before any work is done.
 """
 
 from __future__ import annotations
