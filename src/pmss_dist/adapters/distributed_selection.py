@@ -26,10 +26,11 @@ def select_skeletons(weights: Mapping[str, torch.Tensor], ks: Mapping[str, int],
                      seed: int = 0, svd: str = "auto", process_group=None,
                      progress: bool = True) -> dict[str, Selection]:
     """Return {name: (rows, cols)}, ``ks[name]`` of each, for every weight, identical on every rank
-    and for every world size. Weights are plain tensors (each rank computes everything itself, no
-    communication) or DTensors on a 1-D mesh placed Shard(0), Shard(1) or Replicate (collective:
-    every rank of the group must call this with the same names). Progress goes to stderr on rank 0
-    when ``progress``."""
+    and for every world size. Weights are DTensors placed Shard(0), Shard(1) or Replicate on a 1-D
+    mesh, or on the shard dimension of an HSDP mesh (each replica group then selects the same
+    indices on its own), or plain tensors (a replicated base: the layers are dealt over the
+    process group, no weight moves). Collective when a process group is up: every rank must call
+    this with the same names. Progress goes to stderr on rank 0 when ``progress``."""
     names = sorted(weights)
     missing = [n for n in names if n not in ks]
     if missing:
@@ -38,8 +39,7 @@ def select_skeletons(weights: Mapping[str, torch.Tensor], ks: Mapping[str, int],
     for n in names:
         check_selection_args(tuple(weights[n].shape), ks[n], method, svd, n)
 
-    sharded = any(_is_dtensor(w) for w in weights.values())
-    if not sharded or not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
         return _select_local(weights, ks, names, method, seed, svd, progress)
     return _select_distributed(weights, ks, names, method, seed, svd, process_group, progress)
 
@@ -50,7 +50,7 @@ def _select_local(weights, ks, names, method, seed, svd, progress) -> dict[str, 
     out = {}
     for i, n in enumerate(names):
         w = weights[n]
-        if _is_dtensor(w):  # only reachable without a process group, i.e. never in practice
+        if _is_dtensor(w):  # a world of one: the shard is the whole tensor
             w = w.full_tensor()
         out[n] = select_skeleton(w, ks[n], method, seed=seed, svd=svd, name=n)
         meter.update(i + 1)
@@ -73,7 +73,7 @@ def _select_distributed(weights, ks, names, method, seed, svd, process_group, pr
                              f"placements than rank {me}; every rank must pass the same layers")
     shard_lengths = {n: [everyone[r][n][2] for r in range(world)] for n in names}
 
-    meter = _Progress(len(names), enabled=progress and me == 0)
+    meter = _Progress(len(names), enabled=progress and dist.get_rank() == 0)  # one line per job, not per replica
     results: dict[str, tuple[list[int], list[int]] | str] = {}
     schedule = sorted(names, key=lambda n: (-_svd_cost(weights[n].shape), n))
     for start in range(0, len(schedule), world):
@@ -107,20 +107,22 @@ def _svd_cost(shape) -> int:
 
 
 def _group_of(weights, process_group):
-    """The process group of the DTensors' mesh; a given ``process_group`` must span the same ranks."""
+    """The process group the shards of the DTensors are spread over (their mesh, or its shard
+    dimension); the default group for plain tensors; a given ``process_group`` must span the same
+    ranks."""
     mesh_ranks, group = None, None
     for n, w in sorted(weights.items()):
         if not _is_dtensor(w):
             continue
-        mesh = w.device_mesh
-        if mesh.ndim != 1:
-            raise ValueError(f"{n}: select_skeletons supports DTensors on a 1-D device mesh, got a "
-                             f"{mesh.ndim}-D mesh")
+        mesh, dim = w.device_mesh, _shard_dim(n, w)
         r = mesh.mesh.flatten().tolist()
         if mesh_ranks is None:
-            mesh_ranks, group = r, mesh.get_group()
+            mesh_ranks, group = r, mesh.get_group(dim)
         elif r != mesh_ranks:
             raise ValueError(f"{n}: all DTensors must live on the same device mesh ({mesh_ranks} vs {r})")
+    if mesh_ranks is None:  # plain tensors: every rank holds every weight
+        return process_group
+    mesh_ranks = dist.get_process_group_ranks(group)
     if process_group is not None:
         given = dist.get_process_group_ranks(process_group)
         if given != mesh_ranks:
@@ -129,13 +131,24 @@ def _group_of(weights, process_group):
     return group
 
 
+def _shard_dim(name, w) -> int:
+    """The mesh dimension a DTensor is split over (0 when it is replicated everywhere)."""
+    from torch.distributed.tensor import Replicate
+
+    split = [i for i, p in enumerate(w.placements) if not isinstance(p, Replicate)]
+    if len(split) > 1:
+        raise ValueError(f"{name}: select_skeletons supports a DTensor split over one mesh dimension, got "
+                         f"placements {w.placements}")
+    return split[0] if split else 0
+
+
 def _layout(name, w) -> tuple[str, int]:
     """(placement, local length along the sharded dim): placement is 'shard0', 'shard1' or 'full'."""
     if not _is_dtensor(w):
         return "full", 0  # a plain tensor is taken as a full copy on every rank
     from torch.distributed.tensor import Replicate, Shard
 
-    (placement,) = w.placements
+    placement = w.placements[_shard_dim(name, w)]
     if isinstance(placement, Replicate):
         return "full", 0
     if isinstance(placement, Shard):

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from pmss_dist.parallel.grads import replicated_parameters
+from pmss_dist.parallel.mesh import local_world_size
 
 # Selective AC keeps the outputs of the expensive ops and recomputes the cheap elementwise ones
 # (norms, activations, RoPE): most of full AC's memory saving for a fraction of its recompute.
@@ -32,6 +33,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,  # SDPA's choice on H100
 }
 
 
@@ -48,10 +50,12 @@ def _wrap_ac(block: nn.Module, mode: str) -> nn.Module:
     return block
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype, compile: bool,
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, *, param_dtype: torch.dtype, compile: bool,
                 activation_checkpointing: str, reshard_after_forward: bool) -> nn.Module:
-    """Shard ``model`` (a torchtune ``TransformerDecoder``, on meta or real weights) in place."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    """AC, compile and FSDP2 on ``model`` (a torchtune ``TransformerDecoder``, on meta or real
+    weights), in place. ``mesh``: 1-D (FSDP) or 2-D ``(dp_replicate, dp_shard)`` (HSDP); ``None``
+    shards nothing (a replicated base: the adapters' gradients are still summed by
+    ``grads.all_reduce_grads``)."""
     replicated = set(replicated_parameters(model))
     for i, block in enumerate(model.layers):
         # A block with nothing to train has no backward through its weights: AC would only
@@ -61,13 +65,21 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
             block = _wrap_ac(block, activation_checkpointing)
         if compile:
             block.compile(fullgraph=True)
+        model.layers[i] = block
+    if mesh is not None:
+        _shard(model, mesh, param_dtype, reshard_after_forward, replicated)
+    return model
+
+
+def _shard(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool,
+           replicated: set) -> None:
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                     ignored_params=replicated & set(block.parameters()))
-        model.layers[i] = block
     # The root group holds embeddings, final norm and output: gathered for the first and last
     # use of the step, so keep them gathered (no reshard) between forward and backward.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False,
-                ignored_params=replicated)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=replicated)
     # Every rank's loss is already divided by the global token count, so the gradients of sharded
     # trainable weights (full fine-tuning) must be summed over ranks, as `all_reduce_grads` does
     # for adapters; FSDP2 would average them. A plain SUM, because gloo has no PREMUL_SUM.
@@ -75,7 +87,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-    return model
 
 
 # "auto" keeps blocks unsharded between forward and backward when the whole model takes at most
@@ -98,4 +109,4 @@ def rank_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return host // local_world_size()

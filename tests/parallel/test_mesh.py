@@ -1,0 +1,103 @@
+"""The data-parallel mesh: dp_replicate x dp_shard. Every layout trains the model one process
+trains (the same losses, the same cores, bit-identical on every rank), holds 1/dp_shard of the
+frozen base per rank, and resumes a checkpoint written on another layout; bad settings fail with
+the numbers named."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import FAST, probe, run_job, summary
+from pmss_dist.config import ConfigError, ParallelConfig
+from pmss_dist.parallel.mesh import resolve_dp_shape
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("settings,world,local,model_gib,expected", [
+    (dict(), 8, 8, 1, (1, 8)),  # one node: shard over it, as before meshes had two dimensions
+    (dict(), 64, 8, 1, (8, 8)),  # 8 nodes: shard within each, replicate across (HSDP)
+    (dict(), 64, 8, 500, (4, 16)),  # 500 GiB: 62 GiB per rank on one node, 31 on two: 2 nodes a copy
+    (dict(), 64, 8, 5000, (1, 64)),  # fits nowhere: shard over every rank
+    (dict(dp_shard=1), 8, 8, 1, (8, 1)),  # a replicated base
+    (dict(dp_replicate=2), 16, 8, 1, (2, 8)),
+    (dict(dp_shard=4, dp_replicate=2), 8, 8, 1, (2, 4)),
+])
+def test_shape_resolution(settings, world, local, model_gib, expected):
+    parallel = ParallelConfig(**settings)
+    # 80 GiB per rank, of which SHARD_MEMORY_FRACTION (half) may hold the frozen shard
+    assert resolve_dp_shape(parallel, world, local, model_gib * GIB, 80 * GIB) == expected
+
+
+@pytest.mark.parametrize("settings,needle", [
+    (dict(dp_shard=4, dp_replicate=4), r"dp_replicate \(4\) x parallel.dp_shard \(4\) = 16.*world size is 8"),
+    (dict(dp_shard=5), r"parallel.dp_shard=5 does not divide the world size 12"),
+    (dict(dp_shard=6), r"parallel.dp_shard=6 neither divides a node \(4 processes per node\)"),
+])
+def test_bad_shapes_name_the_numbers(settings, needle):
+    world = 8 if "dp_replicate" in settings else 12
+    with pytest.raises(ConfigError, match=needle):
+        resolve_dp_shape(ParallelConfig(**settings), world, 4, GIB, 80 * GIB)
+
+
+# -- real processes ------------------------------------------------------------------------------
+
+MESHES = {"1x4": ["parallel.dp_shard=4"], "2x2": ["parallel.dp_shard=2"], "4x1": ["parallel.dp_shard=1"]}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return probe(1, tmp_path_factory.mktemp("mesh") / "single")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_every_mesh_trains_the_one_process_model(single, tmp_path, mesh):
+    # data.micro_batch_size=2: two micro-batches of accumulation on each of the 4 ranks.
+    result = probe(4, tmp_path / mesh, "data.micro_batch_size=2", *MESHES[mesh])
+    torch.testing.assert_close(torch.tensor(result["summary"]["losses"]), torch.tensor(single["summary"]["losses"]),
+                               rtol=1e-5, atol=1e-5)
+    reference = single["ranks"][0]["tensors"]
+    for rank in result["ranks"]:
+        for name, core in rank["tensors"].items():
+            assert torch.equal(core, result["ranks"][0]["tensors"][name]), name  # replicated over the world
+            torch.testing.assert_close(core, reference[name], rtol=1e-4, atol=1e-6)
+    total = int(single["ranks"][0]["meta"]["frozen_bytes"])
+    dp_shard = int(MESHES[mesh][0].rsplit("=", 1)[1])
+    per_rank = [int(r["meta"]["frozen_bytes"]) for r in result["ranks"]]
+    assert sum(per_rank) == total * 4 // dp_shard  # dp_replicate copies of the base in all
+    assert max(per_rank) <= total / dp_shard * 1.05  # each rank: its shard, up to odd dimensions
+
+
+@pytest.mark.slow
+def test_full_finetuning_on_a_2x2_mesh_trains_the_one_process_model(tmp_path):
+    full = ["adapter.kind=full", "optim.lr=1e-3"]
+    one = probe(1, tmp_path / "one", *full)
+    hsdp = probe(4, tmp_path / "hsdp", "data.micro_batch_size=2", "parallel.dp_shard=2", *full)
+    torch.testing.assert_close(torch.tensor(hsdp["summary"]["losses"]), torch.tensor(one["summary"]["losses"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_a_2x2_mesh_resumes_on_1x4_and_on_one_process(tmp_path):
+    long = [*FAST, "checkpoint.every_steps=4", "checkpoint.keep_last=3"]
+    run_job(4, [*long, f"output_dir={tmp_path / 'whole'}", "parallel.dp_shard=2"])
+    expected = summary(tmp_path / "whole")["losses"]
+    for nproc, mesh in ((4, "parallel.dp_shard=4"), (1, "parallel.dp_shard=auto")):
+        out = tmp_path / f"resumed-{nproc}"
+        out.mkdir()
+        shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_000004", out / "checkpoints" / "step_000004")
+        proc = run_job(nproc, [*long, f"output_dir={out}", mesh])
+        assert "at step 4" in proc.stderr
+        torch.testing.assert_close(torch.tensor(summary(out)["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bad_mesh_fails_before_training_with_the_numbers(tmp_path):
+    proc = run_job(2, [*FAST, f"output_dir={tmp_path}", "parallel.dp_shard=2", "parallel.dp_replicate=2"],
+                   check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "parallel.dp_replicate (2) x parallel.dp_shard (2) = 4, but the world size is 2" in proc.stderr
