@@ -2,19 +2,22 @@
 """Check PEFT adapters exported by pmss_dist with stock peft + transformers, in their own venv.
 
     python tests/peft_check.py --base BASE_DIR --adapter PEFT_DIR --expected EXPECTED.safetensors \\
-        [--adapter PEFT_DIR2 --expected EXPECTED2.safetensors ...] [--atol 1e-5]
+        [--adapter PEFT_DIR2 --expected EXPECTED2.safetensors ...] [--atol 1e-5] [--merged MERGED_DIR ...]
 
 peft refuses the torchao release torchtune needs, so this script imports neither torchtune nor
 pmss_dist: tests/test_hf_export.py writes the files and runs it with the interpreter named by
 PMSS_PEFT_PYTHON (a venv with torch, transformers, peft, safetensors). EXPECTED holds ``tokens``
 and the ``logits`` our adapted model gave. For each adapter: every tensor in the file must be
 loaded into the PEFT model as it is, and the logits of the PEFT model, unmerged and after
-``merge_and_unload``, must equal the expected ones. Exit status 0 only if all hold.
+``merge_and_unload``, must equal the expected ones; with ``--merged`` (one per adapter), every
+weight of PEFT's merged model must equal that tensor of our merged export. Exit status 0 only if
+all hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 
 import torch
@@ -24,7 +27,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 
-def check(base: str, adapter: str, expected_file: str, atol: float) -> None:
+def check(base: str, adapter: str, expected_file: str, atol: float, merged_dir: str | None) -> None:
     expected = load_file(expected_file)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(model, adapter).eval()
@@ -41,6 +44,15 @@ def check(base: str, adapter: str, expected_file: str, atol: float) -> None:
         merged = peft_model.merge_and_unload()
         logits = merged(expected["tokens"]).logits.float()
         torch.testing.assert_close(logits, expected["logits"], rtol=atol, atol=atol, msg=f"{adapter} merged")
+    if merged_dir is not None:
+        weights = merged.state_dict()
+        ours = {}
+        for path in sorted(glob.glob(f"{merged_dir}/*.safetensors")):
+            ours.update(load_file(path))
+        if not ours or not set(ours) <= set(weights):
+            raise AssertionError(f"{merged_dir}: tensors {sorted(set(ours) - set(weights))[:4]} are not in the model")
+        for key, value in ours.items():  # the same sums in another order: fp32 rounding apart
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{merged_dir}: {key}")
     print(f"ok: {adapter} ({len(saved) // 2} LoRA layers)")
 
 
@@ -51,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expected", required=True, action="append",
                         help=".safetensors with 'tokens' and 'logits', one per --adapter")
     parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--merged", action="append",
+                        help="our merged export of the same adapter (repeatable: none, or one per --adapter)")
     args = parser.parse_args(argv)
     if len(args.adapter) != len(args.expected):
         parser.error("give one --expected per --adapter")
-    for adapter, expected in zip(args.adapter, args.expected):
-        check(args.base, adapter, expected, args.atol)
+    if args.merged and len(args.merged) != len(args.adapter):
+        parser.error("give one --merged per --adapter, or none")
+    for adapter, expected, merged in zip(args.adapter, args.expected, args.merged or [None] * len(args.adapter)):
+        check(args.base, adapter, expected, args.atol, merged)
     return 0
 
 

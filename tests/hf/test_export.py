@@ -40,10 +40,11 @@ def write_tokenizer(ckpt_dir: Path, vocab_size: int) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(ckpt_dir)
 
 
-def trained_adapter(model, kind: str, size: int, alpha: float, seed: int, steps: int = 2):
+def trained_adapter(model, kind: str, size: int, alpha: float, seed: int, steps: int = 2,
+                    targets: tuple[str, ...] = AdapterSpec.targets):
     """Put adapters on ``model`` as training leaves them: distinct random skeleton indices, random
     nonzero cores (or LoRA factors), then a few AdamW steps on a next-token loss."""
-    apply_adapters(model, AdapterSpec(kind, size=size, alpha=alpha))
+    apply_adapters(model, AdapterSpec(kind, targets, size=size, alpha=alpha))
     reset_adapters(model, seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -112,11 +113,16 @@ def assert_same_layout_and_untouched_tensors(base: Path, out: Path, adapted: set
 _HF_MODULES = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
                "attn.output_proj": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
                "mlp.w2": "mlp.down_proj"}
+# Phi-3's HF files fuse q, k, v (rows in that order) and gate, up.
+_HF_MODULES_FUSED = {**_HF_MODULES, "attn.q_proj": "self_attn.qkv_proj", "attn.k_proj": "self_attn.qkv_proj",
+                     "attn.v_proj": "self_attn.qkv_proj", "mlp.w1": "mlp.gate_up_proj", "mlp.w3": "mlp.gate_up_proj"}
+FUSED_FAMILIES = ("phi3", "phi4-mini")
 
 
-def hf_weight_name(tune_layer: str) -> str:
+def hf_weight_name(tune_layer: str, family: str = "llama") -> str:
     _, i, module = tune_layer.split(".", 2)
-    return f"model.layers.{i}.{_HF_MODULES[module]}.weight"
+    modules = _HF_MODULES_FUSED if family in FUSED_FAMILIES else _HF_MODULES
+    return f"model.layers.{i}.{modules[module]}.weight"
 
 
 CASES = [  # family, adapter kind, sharded
@@ -124,6 +130,10 @@ CASES = [  # family, adapter kind, sharded
     ("qwen2", "pmss", False),
     ("gemma", "pmss", False),
     ("mistral", "lora", True),
+    ("qwen3", "pmss", True),
+    ("gemma2", "lora", False),
+    ("phi3", "pmss", True),
+    ("phi4-mini", "lora", False),
 ]
 
 
@@ -138,15 +148,15 @@ def test_merged_export_loads_in_transformers(tmp_path, family, kind, sharded):
     ours_merged = logits_of(merge_adapters(copy.deepcopy(model)), tokens())
 
     export_merged(adapter_dir, base, out, progress=False)
-    adapted = {hf_weight_name(n) for n in adapter_layers(model)}
-    assert len(adapted) == 2 * 7
+    adapted = {hf_weight_name(n, family) for n in adapter_layers(model)}
+    assert len(adapted) == 2 * (4 if family in FUSED_FAMILIES else 7)
     assert_same_layout_and_untouched_tensors(base, out, adapted)
     merged = transformers_logits(out, tokens())
     # Same weights, same arithmetic: tight. Against the unmerged adapter, fp32 reassociation of the
     # update (W·x + s·C·U·R·x versus (W + s·C·U·R)·x) leaves ~1e-5 of the logits' scale.
     # Gemma's two implementations (embedding scaled by sqrt(d), tanh-GELU) round differently in fp32:
     # up to ~3e-6 of the scale on identical weights, the same noise the import test allows.
-    assert_close_to_scale(merged, ours_merged, 5e-6 if family == "gemma" else 2e-6)
+    assert_close_to_scale(merged, ours_merged, 5e-6 if family.startswith("gemma") else 2e-6)
     assert_close_to_scale(merged, ours, 3e-5)
     assert (merged - transformers_logits(base, tokens())).abs().max() > 1e-2  # the adapter matters
 

@@ -28,6 +28,34 @@ FAMILIES = {
     "mistral": ("MistralConfig", {}),
     "qwen2": ("Qwen2Config", dict(rope_theta=1e6)),  # q/k/v biases, no q/k permutation
     "gemma": ("GemmaConfig", dict(head_dim=8)),  # tied, explicit head_dim
+    # Llama 3.1-3.3's RoPE scaling. head_dim 8 has wavelengths 2pi x (1, 10, 100, 1000) at theta 1e4:
+    # with original length 64, low/high factors 1/8 the first is kept, the second smoothed, the last
+    # two divided by the factor; the sequence (max_position_embeddings) runs past the original length.
+    "llama3.1": ("LlamaConfig", dict(max_position_embeddings=128, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
+        original_max_position_embeddings=64))),
+    "llama3.2-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "qwen2.5-tied": ("Qwen2Config", dict(rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False)),
+    # Sliding windows of 4 tokens: every Mistral layer; Qwen2's layers from max_window_layers on.
+    "mistral-window": ("MistralConfig", dict(sliding_window=4)),
+    "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # Qwen3: RMSNorm on each q/k head before RoPE; head_dim 16, not hidden/heads = 8; no biases.
+    "qwen3": ("Qwen3Config", dict(head_dim=16, rope_theta=1e6)),
+    # Gemma 2: a 4-token window on layer 0 (sliding and global layers alternate), soft-caps near the
+    # attention scores' and logits' own scale so that both bend them, query_pre_attn_scalar != head_dim.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=10.0, query_pre_attn_scalar=12)),
+    # Phi-3/Phi-4: fused qkv_proj and gate_up_proj; Phi-3-mini-4k's window on every layer (4 here);
+    # in-vocabulary special tokens (Phi3Config's defaults are 32000).
+    "phi3": ("Phi3Config", dict(sliding_window=4, rope_theta=250000.0, pad_token_id=None, eos_token_id=2)),
+    # Phi-4-mini: tied, RoPE on 3/4 of each head (6 of 8 dims: 3 frequencies), LongRoPE whose
+    # original length 16 the long sequences pass (long factors, attention factor sqrt(1 + ln 4 / ln 16)).
+    "phi4-mini": ("Phi3Config", dict(tie_word_embeddings=True, partial_rotary_factor=0.75,
+                                     original_max_position_embeddings=16, pad_token_id=None, eos_token_id=2,
+                                     rope_scaling=dict(type="longrope", short_factor=[1.0, 1.3, 2.1],
+                                                       long_factor=[1.5, 3.0, 7.0]))),
 }
 
 

@@ -1,9 +1,12 @@
-"""Convert a llama.cpp GGUF file (Llama family) into a Hugging Face checkpoint directory.
+"""Convert a llama.cpp GGUF file (llama, qwen2, qwen3, gemma2, phi3) into a Hugging Face
+checkpoint directory.
 
     pmss-gguf-to-hf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out ckpt/smollm2-135m
 
-The directory (config.json, float32 model.safetensors, tokenizer.json, tokenizer_config.json)
-can be used as ``model.path`` for training or loaded with transformers. Needs ``pip install gguf``.
+The directory (config.json naming the HF class, float32 model.safetensors, tokenizer.json,
+tokenizer_config.json) can be used as ``model.path`` for training or loaded with transformers.
+Needs ``pip install gguf``. Supported architectures and what is undone per architecture:
+docs/GGUF.md.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-from pmss_dist.hf.gguf import SUPPORTED_ARCHITECTURES, SUPPORTED_TENSOR_TYPES, convert_gguf_to_hf
+from pmss_dist.hf.gguf import (ARCHITECTURES, SUPPORTED_ARCHITECTURES, SUPPORTED_TENSOR_TYPES,
+                                convert_gguf_to_hf)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Convert a GGUF model file into a Hugging Face Llama checkpoint directory "
-                    "(weights dequantised to float32, q/k un-permuted, tokenizer rebuilt).",
-        epilog=f"Architectures: {', '.join(SUPPORTED_ARCHITECTURES)}. "
+        description="Convert a GGUF model file into a Hugging Face checkpoint directory (weights "
+                    "dequantised to float32 under HF names and layout, config.json for the "
+                    "architecture's HF class, tokenizer rebuilt).",
+        epilog=f"Architectures: {', '.join(f'{a} ({ARCHITECTURES[a].hf_class})' for a in SUPPORTED_ARCHITECTURES)}. "
                f"Tensor types: {', '.join(SUPPORTED_TENSOR_TYPES)}.")
     parser.add_argument("--gguf", required=True, type=Path, help="input .gguf file")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")

@@ -14,6 +14,12 @@ HF's (``perm[t]`` = HF row of torchtune row ``t``). Columns are not permuted, so
 ``C = W_hf[:, J]`` and ``R = W_hf[perm[I], :]``: the update needs no permuting back at all. A
 LoRA ``B`` has its rows in torchtune order: row ``t`` goes to HF row ``perm[t]``, as do the rows of
 a fully fine-tuned q/k weight.
+
+Fused tensors (a family's ``FUSED``: Phi-3's ``qkv_proj`` = [q; k; v] by rows). Each torchtune
+weight is a row block of one HF tensor (`hf.keys.HFRows`); its update is computed from that block
+alone and written back into it, so the other blocks stay byte-identical. PEFT targets the fused
+module: ``lora_A`` stacks the parts' ``A`` (or ``R``) and ``lora_B`` puts each part's ``B`` (or
+``s·C·U``) in its own rows and columns (block-diagonal), a LoRA of rank k × (parts adapted).
 """
 
 from __future__ import annotations
@@ -26,18 +32,19 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from pmss_dist.adapters.io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
 from pmss_dist.adapters.layers import (ADAPTER_TENSORS, FULL, TARGET_ALIASES, lora_factors, merge_dtype, merge_update,
                                       pmss_factors, update_scale)
 from pmss_dist.files import atomic_write
-from pmss_dist.hf.keys import match_keys, permutation_for, row_permutations, tune_key_to_hf
+from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row_permutations, tune_key_to_hf,
+                               tune_shapes)
 from pmss_dist.hf.load import (INDEX_FILE, check_base_fingerprint, copy_side_files, open_safetensors,
                                read_hf_config, read_safetensors_header, weight_files)
 from pmss_dist.models import tied_embeddings
 from pmss_dist.parallel.env import print_main
+from pmss_dist.train import storage
 from pmss_dist.train.checkpoint import CheckpointError, read_record
 
 PEFT_CONFIG = "adapter_config.json"
@@ -59,7 +66,7 @@ class LayerUpdate:
     """One adapted weight: where it lives in the HF checkpoint and what its update is."""
 
     name: str  # torchtune layer, e.g. layers.0.attn.q_proj
-    hf_key: str  # e.g. model.layers.0.self_attn.q_proj.weight
+    rows: HFRows  # its weight in the HF checkpoint, e.g. model.layers.0.self_attn.q_proj.weight, all rows
     kind: str
     size: int  # k for PMSS, r for LoRA (adapter.json's "rank")
     alpha: float
@@ -67,14 +74,19 @@ class LayerUpdate:
     perm: torch.Tensor | None  # q/k rows: torchtune row t is HF row perm[t]
 
     @property
+    def hf_key(self) -> str:
+        return self.rows.key
+
+    @property
     def scale(self) -> float:
         return update_scale(self.alpha, self.size)
 
     def check_shape(self, shape: tuple[int, ...], where: Path) -> None:
-        """Refuse an adapter that cannot belong to a weight of this ``shape`` (another base)."""
-        if len(shape) != 2:
-            raise ExportError(f"{where}: {self.hf_key} has shape {shape}, not a matrix")
-        d_out, d_in = shape
+        """Refuse a base tensor of another ``shape`` than config.json implies, and an adapter that
+        cannot belong to this weight (another base)."""
+        if len(shape) != 2 or shape != self.rows.shape:
+            raise ExportError(f"{where}: {self.hf_key} has shape {shape}, config.json implies {self.rows.shape}")
+        d_out, d_in = self.rows.stop - self.rows.start, shape[1]  # this layer's rows of it (fused or not)
         t, k = self.tensors, self.size
         if self.kind == "pmss":
             ok = (t["core"].shape == (k, k) and t["row_idx"].shape == (k,) and t["col_idx"].shape == (k,)
@@ -86,13 +98,15 @@ class LayerUpdate:
         if not ok:
             shapes = {name: tuple(v.shape) for name, v in t.items()}
             size = f"{'k' if self.kind == 'pmss' else 'r'}={k}"
-            raise ExportError(f"adapter layer {self.name} ({shapes}, {size}) does not fit {self.hf_key} "
-                              f"{shape} in {where}: the adapter was trained on another base model")
+            block = f" rows {self.rows.start}:{self.rows.stop}" if self.rows.fused else ""
+            raise ExportError(f"adapter layer {self.name} ({shapes}, {size}) does not fit {self.hf_key}{block} "
+                              f"{(d_out, d_in)} in {where}: the adapter was trained on another base model")
 
     def factors(self, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` in HF layout with ``update = scale · left @ right``: PMSS ``(C·U, R)``
-        from the base ``weight`` (`pmss_factors`), LoRA ``(B, A)`` (`lora_factors`; ``weight`` only
-        sets the dtype); in `merge_dtype`. Only the q/k row permutation is done here."""
+        from the base ``weight`` (this layer's rows of it: `block`), LoRA ``(B, A)``
+        (`lora_factors`; ``weight`` only sets the dtype); in `merge_dtype`. Only the q/k row
+        permutation is done here."""
         t = self.tensors
         if self.kind == "pmss":
             rows = t["row_idx"] if self.perm is None else self.perm[t["row_idx"]]  # R = W_hf[perm[I], :]
@@ -102,14 +116,31 @@ class LayerUpdate:
             b = torch.empty_like(b).index_copy_(0, self.perm, b)  # HF row perm[t] <- torchtune row t
         return b, a
 
+    def block(self, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's rows of the HF tensor ``weight`` (all of them unless it is fused)."""
+        return weight[self.rows.start:self.rows.stop]
+
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
-        """``W + s·left·right`` in the weight's dtype (computed in fp32, as `merge_adapters` does)."""
+        """``W + s·left·right`` for this layer's block ``W`` of the HF tensor, in the weight's dtype
+        (computed in fp32, as `merge_adapters` does)."""
         left, right = self.factors(weight)
         return merge_update(weight, self.scale * (left @ right))
 
 
+def _merge_into(updates: list[LayerUpdate]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``replace`` entry for `_write_replaced_file`: the HF tensor with each update merged into
+    its own rows; rows of a fused tensor that no update touches are copied unchanged."""
+    def new_value(weight: torch.Tensor) -> torch.Tensor:
+        out = weight.clone()  # safetensors hands out views of its memory map: never write into them
+        for update in updates:
+            out[update.rows.start:update.rows.stop] = update.merged(update.block(weight))
+        return out
+
+    return new_value
+
+
 def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, LayerUpdate]]:
-    """The adapter's metadata and ``{HF weight key: LayerUpdate}``. Every tensor of the adapter
+    """The adapter's metadata and ``{torchtune layer: LayerUpdate}``. Every tensor of the adapter
     must map to an HF weight: an unknown tensor or layer is an error, never dropped."""
     state, meta = read_adapter(adapter_dir)
     where = adapter_dir / ADAPTER_WEIGHTS
@@ -133,6 +164,7 @@ def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, La
     if not layers:
         raise ExportError(f"{where} holds no adapter tensors")
     perms = row_permutations(hf_config)
+    rows_of = hf_rows(tune_shapes(hf_config), hf_config)
     updates = {}
     for layer, tensors in layers.items():
         missing = set(ADAPTER_TENSORS[kind]) - set(tensors)
@@ -142,8 +174,10 @@ def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, La
             hf_key = tune_key_to_hf(f"{layer}.weight", hf_config)
         except KeyError as err:
             raise ExportError(f"{where}: layer {layer} has no Hugging Face name; refusing to drop it") from err
-        updates[hf_key] = LayerUpdate(layer, hf_key, kind, size, alpha, tensors,
-                                      permutation_for(f"{layer}.weight", perms))
+        if f"{layer}.weight" not in rows_of:
+            raise ExportError(f"the base (its config.json) has no tensor {hf_key} for adapter layer {layer}")
+        updates[layer] = LayerUpdate(layer, rows_of[f"{layer}.weight"], kind, size, alpha, tensors,
+                                     permutation_for(f"{layer}.weight", perms))
     return {**meta, "rank": size, "alpha": alpha}, updates
 
 
@@ -156,12 +190,20 @@ def _load(adapter_dir, base_dir, check_base: bool):
     if check_base:
         check_base_fingerprint(adapter_dir, meta.get("base_fingerprint"), base_dir, _BASE_FIX, ExportError)
     files = weight_files(base_dir)
-    for hf_key, update in updates.items():
-        if hf_key not in files:
-            raise ExportError(f"{base_dir} has no tensor {hf_key} for adapter layer {update.name}")
-        with open_safetensors(files[hf_key]) as f:
-            update.check_shape(tuple(f.get_slice(hf_key).get_shape()), files[hf_key])
+    for update in updates.values():
+        if update.hf_key not in files:
+            raise ExportError(f"{base_dir} has no tensor {update.hf_key} for adapter layer {update.name}")
+        with open_safetensors(files[update.hf_key]) as f:
+            update.check_shape(tuple(f.get_slice(update.hf_key).get_shape()), files[update.hf_key])
     return meta, updates, files
+
+
+def _by_hf_key(updates: dict[str, LayerUpdate]) -> dict[str, list[LayerUpdate]]:
+    """The updates of each HF tensor, in row order: one, or one per adapted part of a fused tensor."""
+    groups: dict[str, list[LayerUpdate]] = {}
+    for update in sorted(updates.values(), key=lambda u: (u.hf_key, u.rows.start)):
+        groups.setdefault(update.hf_key, []).append(update)
+    return groups
 
 
 def _check_out_dir(out_dir: Path, *inputs: Path) -> None:
@@ -228,8 +270,8 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
     paths = sorted(set(files.values()))
     _prepare_out_dir(out_dir, base_dir, paths)
     by_file: dict[Path, dict] = {}
-    for hf_key, update in updates.items():
-        by_file.setdefault(files[hf_key], {})[hf_key] = update.merged
+    for hf_key, group in _by_hf_key(updates).items():
+        by_file.setdefault(files[hf_key], {})[hf_key] = _merge_into(group)
     mine = paths[rank::world_size]
     for i, path in enumerate(mine, 1):
         _write_replaced_file(path, out_dir / path.name, by_file.get(path, {}))
@@ -264,44 +306,50 @@ def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str |
         check_base_fingerprint(checkpoint_dir, record.base_fingerprint, base_dir, _BASE_FIX, ExportError)
     hf_config = read_hf_config(base_dir)
     files = weight_files(base_dir)
-    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
-    tune_names = [key.removeprefix("model.") for key in metadata if key.startswith("model.")]
+    try:  # the restricted loader: a checkpoint is a file from elsewhere, its pickle may not run code
+        metadata = storage.load_metadata(checkpoint_dir).state_dict_metadata
+    except storage.StorageError as err:
+        raise ExportError(str(err)) from None
+    shapes = {key.removeprefix("model."): tuple(metadata[key].size) for key in metadata if key.startswith("model.")}
     try:  # the same two-way check as loading: every trained tensor has a base tensor, and back
-        tune_of = {hf: tune for tune, hf in match_keys(tune_names, files, hf_config, base_dir).items()}
+        pairs = match_keys(shapes, files, hf_config, base_dir)
     except (KeyError, ValueError) as err:
         raise ExportError(f"{checkpoint_dir} does not hold the weights of {base_dir}: {err}") from err
+    # HF tensor -> the trained tensors it is made of, in row order (several for a fused tensor).
+    parts_of: dict[str, list[str]] = {}
+    for tune, rows in sorted(pairs.items(), key=lambda item: item[1].start):
+        parts_of.setdefault(rows.key, []).append(tune)
     if tied_embeddings(hf_config) and "lm_head.weight" in files:
-        tune_of["lm_head.weight"] = "tok_embeddings.weight"  # a tied copy the base carries: keep it equal
+        parts_of["lm_head.weight"] = ["tok_embeddings.weight"]  # a tied copy the base carries: keep it equal
     perms = row_permutations(hf_config)
     paths = sorted(set(files.values()))
     _prepare_out_dir(out_dir, base_dir, paths)
     mine = paths[rank::world_size]
     for i, path in enumerate(mine, 1):
-        keys = {hf_key: f"model.{tune_of[hf_key]}" for hf_key, file in files.items()
-                if file == path and hf_key in tune_of}
-        state = {dcp_key: torch.empty(tuple(metadata[dcp_key].size), dtype=metadata[dcp_key].properties.dtype)
-                 for dcp_key in keys.values()}
-        dcp.load(state, checkpoint_id=checkpoint_dir, no_dist=True)
-        replace = {k: _trained_weight(k, state[dcp_key], permutation_for(tune_of[k], perms), path)
-                   for k, dcp_key in keys.items()}
+        keys = {hf_key: parts for hf_key, parts in parts_of.items() if files[hf_key] == path}
+        state = {f"model.{tune}": torch.empty(shapes[tune], dtype=metadata[f"model.{tune}"].properties.dtype)
+                 for parts in keys.values() for tune in parts}
+        storage.load(state, checkpoint_dir, no_dist=True)
+        replace = {k: _trained_weight(k, [(state[f"model.{t}"], permutation_for(t, perms)) for t in parts], path)
+                   for k, parts in keys.items()}
         _write_replaced_file(path, out_dir / path.name, replace)
         if progress:
             print_main(f"export_full: [{i}/{len(mine)}] {path.name}: {len(keys)} trained weight(s)")
     if rank == 0:
         copied = copy_side_files(base_dir, out_dir)
         if progress:
-            print_main(f"export_full: {len(tune_of)} weights of {checkpoint_dir.name} in {out_dir} "
+            print_main(f"export_full: {len(parts_of)} weights of {checkpoint_dir.name} in {out_dir} "
                        f"(copied {', '.join(copied)})")
     return out_dir
 
 
-def _trained_weight(hf_key: str, value: torch.Tensor, perm: torch.Tensor | None, where: Path):
-    """A ``replace`` entry for `_write_replaced_file`: the trained tensor in HF row order, cast to
-    the base tensor's dtype after checking that it has the base tensor's shape."""
-    if perm is not None:
-        value = torch.empty_like(value).index_copy_(0, perm, value)  # HF row perm[t] <- torchtune row t
-
+def _trained_weight(hf_key: str, parts: list[tuple[torch.Tensor, torch.Tensor | None]], where: Path):
+    """A ``replace`` entry for `_write_replaced_file`: the trained tensor(s) (with their q/k row
+    permutations), each in HF row order and stacked by rows if the HF tensor is fused, cast to the
+    base tensor's dtype after checking that the result has the base tensor's shape."""
     def new_value(base: torch.Tensor) -> torch.Tensor:
+        # Built when written, one tensor at a time. HF row perm[t] <- torchtune row t.
+        value = torch.cat([t if perm is None else torch.empty_like(t).index_copy_(0, perm, t) for t, perm in parts])
         if value.shape != base.shape:
             raise ExportError(f"trained {hf_key} has shape {tuple(value.shape)}, {where} has "
                               f"{tuple(base.shape)}: the checkpoint belongs to another base model")
@@ -315,7 +363,9 @@ def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
     """Write the adapter's update as a standard PEFT LoRA (``adapter_config.json`` +
     ``adapter_model.safetensors``, fp32, HF layout) that ``PeftModel.from_pretrained(base, out_dir)``
     loads. PMSS: rank k, ``lora_A = R``, ``lora_B = s·C·U``, ``lora_alpha = r = k`` (PEFT's scale 1).
-    LoRA: ``lora_A = A``, ``lora_B = B``, its own ``r`` and ``lora_alpha``."""
+    LoRA: ``lora_A = A``, ``lora_B = B``, its own ``r`` and ``lora_alpha``. A fused HF module with
+    n adapted parts gets rank n·r (``rank_pattern``) with the parts' factors stacked (``lora_A``)
+    and block-diagonal (``lora_B``), and ``alpha_pattern`` n·alpha (PEFT's scale unchanged)."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
     _check_out_dir(out_dir, base_dir, adapter_dir)
     meta, updates, files = _load(adapter_dir, base_dir, check_base)
@@ -325,32 +375,51 @@ def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
         if clash:
             raise ExportError(f"{out_dir} holds model files {clash}: keep the PEFT adapter in its own "
                               "directory, or transformers applies it to the weights found there")
-    tensors = {}
-    for i, (hf_key, update) in enumerate(sorted(updates.items()), 1):
-        if update.kind == "pmss":
+    tensors, ranks = {}, {}  # ranks: HF module name (e.g. qkv_proj) -> its LoRA rank
+    for i, (hf_key, group) in enumerate(_by_hf_key(updates).items(), 1):
+        weight = None
+        if group[0].kind == "pmss":
             with open_safetensors(files[hf_key]) as f:
-                left, right = update.factors(f.get_tensor(hf_key))
-            left = update.scale * left  # PEFT's own scale is 1 (alpha = r)
-        else:
-            left, right = update.factors(None)  # PEFT applies alpha / r itself
+                weight = f.get_tensor(hf_key)
+        # lora_A stacks the parts' right factors; lora_B holds each part's left factor in the part's
+        # rows and its own columns (block-diagonal when the HF tensor is fused).
+        rights, lora_b, col = [], torch.zeros(group[0].rows.shape[0], sum(u.size for u in group)), 0
+        for update in group:
+            if weight is not None:
+                left, right = update.factors(update.block(weight))
+                left = update.scale * left  # PEFT's own scale is 1 (alpha = r)
+            else:
+                left, right = update.factors(None)  # PEFT applies alpha / r itself
+            lora_b[update.rows.start:update.rows.stop, col:col + update.size] = left
+            rights.append(right)
+            col += update.size
         module = hf_key.removesuffix(".weight")
-        tensors[f"base_model.model.{module}.lora_A.weight"] = right.float().contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = left.float().contiguous()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.cat(rights).float().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b
+        name = module.rpartition(".")[2]
+        if ranks.setdefault(name, lora_b.shape[1]) != lora_b.shape[1]:
+            raise ExportError(f"{adapter_dir}: {module} has rank {lora_b.shape[1]}, other {name} modules "
+                              f"{ranks[name]}: the layers adapt different parts of it, which PEFT's rank_pattern "
+                              "cannot express")
         if progress and i % 16 == 0:
-            print_main(f"export_peft: {i}/{len(updates)} layers")
+            print_main(f"export_peft: {i} modules")
     r = meta["rank"]  # PEFT's LoRA rank: k for a PMSS adapter
+
+    def alpha(rank: int) -> float:  # PEFT scales by alpha / rank: 1 for PMSS, LoRA's own alpha / r
+        return rank if meta["kind"] == "pmss" else meta["alpha"] * (rank // r)
+
+    rank_pattern = {name: rank for name, rank in sorted(ranks.items()) if rank != r}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir.resolve()),
-        "r": r, "lora_alpha": r if meta["kind"] == "pmss" else meta["alpha"],
-        "target_modules": sorted({key.split(".")[-2] for key in updates}),
+        "r": r, "lora_alpha": alpha(r), "target_modules": sorted(ranks),
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "revision": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": rank_pattern,
+        "alpha_pattern": {name: alpha(rank) for name, rank in rank_pattern.items()}, "revision": None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(out_dir / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     if progress:
-        print_main(f"export_peft: {len(updates)} layers as PEFT LoRA (r={r}) in {out_dir}")
+        print_main(f"export_peft: {len(updates)} layers as {len(tensors) // 2} PEFT LoRA modules (r={r}) in {out_dir}")
     return out_dir

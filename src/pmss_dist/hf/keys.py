@@ -4,20 +4,25 @@ Keys follow torchtune's HF map, checked in both directions (`match_keys`): every
 of the model must be found in the checkpoint, and every tensor of the checkpoint must land in
 the model (a Llama saved with ``attention_bias`` would otherwise lose its biases without a
 word). q/k rows are permuted between HF's half-split RoPE and torchtune's interleaved one for
-the families that need it; any row index chosen on a permuted weight maps back through it.
+the families that need it; any row index chosen on a permuted weight maps back through it. A
+family's ``FUSED`` table says which HF tensors stack several torchtune weights by rows (Phi-3's
+``qkv_proj``): each torchtune parameter is then a row range of that tensor (`HFRows`), computed
+here once for import, export and PEFT alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torchtune.models.convert_weights import _FROM_HF
 
-from pmss_dist.models import head_dim, model_family, tied_embeddings
+from pmss_dist.models import build_decoder, head_dim, model_family, tied_embeddings
 
 # torchtune key (with "{}" for the layer) -> HF key, shared by every family: torchtune's own map.
-# A family module adds its own keys in ``HF_KEYS`` (Qwen2's q/k/v biases, ...).
+# A family module adds or replaces keys in ``HF_KEYS`` (Qwen2's q/k/v biases, Gemma 2's norms, ...).
 COMMON_KEYS = {tune: hf for hf, tune in _FROM_HF.items() if tune is not None}
 # Checkpoint tensors that hold nothing the model needs (old Llama saves carry RoPE frequencies).
 _DERIVED_HF_KEYS = {hf for hf, tune in _FROM_HF.items() if tune is None}
@@ -30,8 +35,11 @@ def _template(key: str) -> tuple[str, str | None]:
 
 
 def key_map(hf_config: dict) -> dict[str, str]:
-    """torchtune key template -> HF key template for the family ``hf_config`` describes."""
-    return {**COMMON_KEYS, **getattr(model_family(hf_config), "HF_KEYS", {})}
+    """torchtune key template -> HF key template for the family ``hf_config`` describes; every part
+    of a fused tensor maps to that tensor's key."""
+    family = model_family(hf_config)
+    fused = {part: hf for hf, parts in getattr(family, "FUSED", {}).items() for part in parts}
+    return {**COMMON_KEYS, **getattr(family, "HF_KEYS", {}), **fused}
 
 
 def tune_key_to_hf(key: str, hf_config: dict) -> str:
@@ -41,6 +49,52 @@ def tune_key_to_hf(key: str, hf_config: dict) -> str:
     if template not in keys:
         raise KeyError(f"no Hugging Face name for parameter {key!r}: export would drop it")
     return keys[template].format(layer)
+
+
+@dataclass(frozen=True)
+class HFRows:
+    """Where a torchtune parameter lives in an HF checkpoint: rows ``start:stop`` of tensor ``key``,
+    whose whole shape config.json implies to be ``shape``. Only a fused tensor (`key_map`, a
+    family's ``FUSED``) holds more rows than the parameter."""
+
+    key: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+
+    @property
+    def fused(self) -> bool:
+        return self.stop - self.start != self.shape[0]
+
+
+def hf_rows(tune_shapes: Mapping[str, Sequence[int]], hf_config: dict) -> dict[str, HFRows]:
+    """``{torchtune name: HFRows}`` for parameters of the given (whole, unsharded) shapes. The parts
+    of a fused tensor follow each other in the family's ``FUSED`` order; all of them must be given."""
+    family = model_family(hf_config)
+    parts_of = {part: parts for parts in getattr(family, "FUSED", {}).values() for part in parts}
+    out = {}
+    for name, shape in tune_shapes.items():
+        template, layer = _template(name)
+        hf_key = tune_key_to_hf(name, hf_config)
+        if template not in parts_of:
+            out[name] = HFRows(hf_key, 0, shape[0] if len(shape) else 0, tuple(shape))
+            continue
+        parts = [part.format(layer) for part in parts_of[template]]
+        absent = [part for part in parts if part not in tune_shapes]
+        if absent:
+            raise KeyError(f"{hf_key} stacks {parts}, but {absent} are not parameters of the model")
+        rows = [tune_shapes[part][0] for part in parts]
+        start = sum(rows[:parts.index(name)])
+        out[name] = HFRows(hf_key, start, start + shape[0], (sum(rows), *shape[1:]))
+    return out
+
+
+def tune_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
+    """The base parameters' names and shapes of the model ``hf_config`` describes (a meta build:
+    no memory), for callers that have no model, such as export."""
+    with torch.device("meta"):
+        model = build_decoder(hf_config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def qk_row_permutation(n_heads: int, hd: int) -> torch.Tensor:
@@ -64,15 +118,21 @@ def permutation_for(tune_key: str, perms: dict[str, torch.Tensor]) -> torch.Tens
     return perms.get(parts[-2]) if len(parts) >= 2 and parts[-1] == "weight" else None
 
 
-def match_keys(tune_names, files: dict[str, Path], hf_config: dict, ckpt_dir: Path) -> dict[str, str]:
-    """``{torchtune name: HF key}`` for every base parameter; fails naming the first parameter
-    the checkpoint lacks or the first checkpoint tensor the model has no place for."""
-    pairs = {name: tune_key_to_hf(name, hf_config) for name in tune_names}
-    missing = [f"{hf} (for {name})" for name, hf in pairs.items() if hf not in files]
+def match_keys(tune_shapes: Mapping[str, Sequence[int]], files: dict[str, Path], hf_config: dict,
+               ckpt_dir: Path) -> dict[str, HFRows]:
+    """``{torchtune name: HFRows}`` for every base parameter (name -> whole shape); fails naming the
+    first parameter the checkpoint lacks or the first checkpoint tensor the model has no place for."""
+    layers = {int(key.split(".")[2]) for key in files if key.startswith("model.layers.")}
+    if layers and max(layers) + 1 != hf_config["num_hidden_layers"]:
+        raise ValueError(f"{ckpt_dir}: config.json's num_hidden_layers={hf_config['num_hidden_layers']}, but the "
+                         f"checkpoint holds layers 0..{max(layers)}: config.json contradicts the weights; "
+                         f"set num_hidden_layers to {max(layers) + 1}")
+    pairs = hf_rows(tune_shapes, hf_config)
+    missing = [f"{rows.key} (for {name})" for name, rows in pairs.items() if rows.key not in files]
     if missing:
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
                        f"e.g. {missing[:3]}: config.json does not describe these weights")
-    used = set(pairs.values())
+    used = {rows.key for rows in pairs.values()}
     unused = [k for k in files if k not in used and _template(k)[0] not in _DERIVED_HF_KEYS
               and not (k == "lm_head.weight" and tied_embeddings(hf_config))]
     if unused:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,11 +22,11 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from pmss_dist.adapters.layers import adapter_layers, plain_name
-from pmss_dist.hf.keys import match_keys, permutation_for, row_permutations
-from pmss_dist.models import build_decoder
+from pmss_dist.hf.keys import HFRows, match_keys, permutation_for, row_permutations
+from pmss_dist.models import build_decoder, shape_fields
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE
 
 SINGLE_FILE = "model.safetensors"
@@ -52,10 +54,20 @@ def read_safetensors_header(path: Path) -> tuple[int, bytes]:
         return header_len, f.read(min(header_len, 100_000_000))
 
 
-def base_fingerprint(ckpt_dir: str | Path) -> str:
-    """A cheap, content-derived identity of a base checkpoint: config.json plus every safetensors
-    file's header (names, dtypes, shapes, offsets) and size. It changes when the weights are
-    swapped for another model or re-saved differently, without hashing gigabytes."""
+# A base checkpoint's identity is its content: config.json and the bytes of every weight file.
+# Fingerprints written before that (adapters, selection files and checkpoints of older versions)
+# hashed only config.json and the safetensors headers and sizes; they are still accepted, by
+# `header_fingerprint`, and reported as the weaker check they are.
+FINGERPRINT_PREFIX = "sha256:"
+_FINGERPRINT_VERSION = 1
+CACHE_ENV = "PMSS_CACHE_DIR"  # where content fingerprints are cached (default ~/.cache/pmss_dist)
+CACHE_MIN_BYTES = 256 << 20  # smaller bases are hashed each time (well under a second), not cached
+_HASH_CHUNK = 16 << 20
+
+
+def header_fingerprint(ckpt_dir: str | Path) -> str:
+    """The fingerprint of versions before content hashing: config.json plus every safetensors
+    file's header (names, dtypes, shapes, offsets) and size; blind to the weights' values."""
     ckpt_dir = Path(ckpt_dir)
     digest = hashlib.sha256((ckpt_dir / "config.json").read_bytes())
     for path in sorted(ckpt_dir.glob("*.safetensors")):
@@ -64,14 +76,107 @@ def base_fingerprint(ckpt_dir: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_file_names(ckpt_dir: str | Path) -> list[str]:
+    """The safetensors files a base fingerprint covers, sorted."""
+    return sorted(p.name for p in Path(ckpt_dir).glob("*.safetensors"))
+
+
+def _cache_file(ckpt_dir: Path) -> Path:
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pmss_dist")
+    return root / "fingerprints" / (hashlib.sha256(str(ckpt_dir.resolve()).encode()).hexdigest()[:24] + ".json")
+
+
+def _stat_key(ckpt_dir: Path) -> dict:
+    """What the cache is keyed by: the base's resolved path and each file's size and mtime."""
+    names = ["config.json", *weight_file_names(ckpt_dir)]
+    stats = {name: (ckpt_dir / name).stat() for name in names}
+    return {"version": _FINGERPRINT_VERSION, "dir": str(ckpt_dir.resolve()),
+            "files": {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}}
+
+
+def weight_bytes(ckpt_dir: str | Path) -> int:
+    return sum((Path(ckpt_dir) / name).stat().st_size for name in weight_file_names(ckpt_dir))
+
+
+def cached_fingerprint(ckpt_dir: str | Path) -> str | None:
+    """The content fingerprint cached for ``ckpt_dir``, if no file changed size or mtime since."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        doc = json.loads(_cache_file(ckpt_dir).read_text())
+        if isinstance(doc, dict) and doc.get("key") == _stat_key(ckpt_dir):
+            fingerprint = doc.get("fingerprint")
+            return fingerprint if isinstance(fingerprint, str) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def base_fingerprint(ckpt_dir: str | Path, digests: dict[str, str] | None = None) -> str:
+    """The content identity of a base checkpoint: SHA-256 over config.json and, for every
+    safetensors file, its name and the SHA-256 of its bytes (``"sha256:"`` + 32 hex digits). It is
+    cached outside the base (`CACHE_ENV`) by path, file sizes and mtimes, so a large base is
+    hashed once (bases under `CACHE_MIN_BYTES` are hashed each time). ``digests`` (file name ->
+    `file_sha256`) are file hashes already computed, e.g. by other ranks; the rest are computed here."""
+    ckpt_dir = Path(ckpt_dir)
+    cache = weight_bytes(ckpt_dir) >= CACHE_MIN_BYTES
+    cached = cached_fingerprint(ckpt_dir) if cache else None
+    if cached is not None:
+        return cached
+    key = _stat_key(ckpt_dir)
+    digests = dict(digests or {})
+    digest = hashlib.sha256((ckpt_dir / "config.json").read_bytes())
+    for name in weight_file_names(ckpt_dir):
+        if name not in digests:
+            digests[name] = file_sha256(ckpt_dir / name)
+        digest.update(f"\n{name}\n{digests[name]}".encode())
+    fingerprint = FINGERPRINT_PREFIX + digest.hexdigest()[:32]
+    if not cache:
+        return fingerprint
+    cache_file = _cache_file(ckpt_dir)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "fingerprint": fingerprint}))
+        os.replace(tmp, cache_file)
+    except OSError as err:
+        print(f"note: cannot cache the fingerprint of {ckpt_dir} in {cache_file.parent} ({err}); set {CACHE_ENV} "
+              "to a writable directory, or it is hashed again next time", file=sys.stderr, flush=True)
+    return fingerprint
+
+
+def comparable_fingerprint(recorded: str, base_dir: str | Path, content: str | None = None) -> str:
+    """The fingerprint of ``base_dir`` of the kind ``recorded`` is: its content fingerprint
+    (``content`` when the caller has it), or for a record of an older version its header one."""
+    if recorded.startswith(FINGERPRINT_PREFIX):
+        return content or base_fingerprint(base_dir)
+    return header_fingerprint(base_dir)
+
+
 def check_base_fingerprint(trained: str | Path, recorded: str | None, base_dir: str | Path, fix: str,
-                           error: type[Exception] = ValueError) -> None:
+                           error: type[Exception] = ValueError) -> str | None:
     """Refuse, with the caller's ``error`` type, a base other than the one ``trained`` (an adapter,
-    a checkpoint) recorded; ``fix`` tells the user what to do instead. Nothing recorded (files
-    older than fingerprints): nothing to check."""
-    if recorded and recorded != base_fingerprint(base_dir):
+    a checkpoint) recorded; ``fix`` tells the user what to do instead. Returns a note for the user
+    when the check was weaker than a content check: a header fingerprint of an older version
+    (weights' values not compared) or none recorded (nothing compared)."""
+    if not recorded:
+        return f"{trained} records no base fingerprint (written before fingerprints): the base is not checked"
+    current = comparable_fingerprint(recorded, base_dir)
+    note = None if recorded.startswith(FINGERPRINT_PREFIX) else (
+        f"{trained} records a header-only base fingerprint (written before content fingerprints): "
+        "the base's names, shapes and sizes are checked, not its weights' values")
+    if recorded != current:
         raise error(f"{trained} was trained on a base with fingerprint {recorded}, {base_dir} has "
-                    f"{base_fingerprint(base_dir)}: {fix}")
+                    f"{current}: {fix}")
+    return note
 
 
 def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
@@ -107,14 +212,17 @@ def open_safetensors(path: Path):
 
 
 def _row_range(param: torch.Tensor) -> tuple[int, int]:
-    """The global rows this rank holds: DTensor ``Shard(0)`` splits like ``torch.chunk``."""
+    """The global rows this rank holds: DTensor ``Shard(0)`` splits like ``torch.chunk`` over its
+    mesh dimension; the other dimension of an HSDP mesh is ``Replicate``."""
     if not isinstance(param, DTensor):
         return 0, param.shape[0] if param.dim() else 0
-    (placement,) = param.placements
-    assert isinstance(placement, Shard) and placement.dim == 0, f"unexpected placement {placement}"
-    n, world = param.shape[0], param.device_mesh.size()
+    shards = [(i, p) for i, p in enumerate(param.placements) if not isinstance(p, Replicate)]
+    if len(shards) != 1 or not (isinstance(shards[0][1], Shard) and shards[0][1].dim == 0):
+        raise AssertionError(f"unexpected placements {param.placements}")
+    mesh_dim = shards[0][0]
+    n, world = param.shape[0], param.device_mesh.size(mesh_dim)
     chunk = math.ceil(n / world)
-    start = min(param.device_mesh.get_local_rank() * chunk, n)
+    start = min(param.device_mesh.get_local_rank(mesh_dim) * chunk, n)
     stop = min(start + chunk, n)
     assert param.to_local().shape[0] == stop - start, "DTensor shard layout differs from torch.chunk"
     return start, stop
@@ -133,17 +241,49 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_rows(handle, hf_key: str, start: int, stop: int, perm: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``start:stop`` of the tensor in torchtune layout, reading no more than the block of HF
-    rows they come from (q/k rows of a contiguous torchtune range lie within the same heads)."""
-    sliced = handle.get_slice(hf_key)
+def _read_rows(handle, rows: HFRows, start: int, stop: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``start:stop`` of the torchtune parameter at ``rows`` (its row range of an HF tensor,
+    fused or not), reading no more than the block of HF rows they come from (q/k rows of a
+    contiguous torchtune range lie within the same heads)."""
+    sliced = handle.get_slice(rows.key)
     if perm is None:
-        return sliced[start:stop]
-    rows = perm[start:stop]
-    if rows.numel() == 0:
+        return sliced[rows.start + start:rows.start + stop]
+    picked = perm[start:stop]
+    if picked.numel() == 0:
         return sliced[0:0]
-    lo, hi = int(rows.min()), int(rows.max()) + 1
-    return sliced[lo:hi][rows - lo]
+    lo, hi = int(picked.min()), int(picked.max()) + 1
+    return sliced[rows.start + lo:rows.start + hi][picked - lo]
+
+
+def check_hf_weights(tune_shapes: Mapping[str, Sequence[int]], ckpt_dir: str | Path,
+                     hf_config: dict) -> tuple[dict[str, Path], dict[str, HFRows]]:
+    """Match every base parameter (torchtune name -> whole shape) to its checkpoint tensor and
+    compare shapes, from the safetensors headers alone, so that a config.json contradicting its
+    weights fails before anything is allocated or read, naming the fields that set the shape.
+    Returns `weight_files` and `match_keys`'s pairs."""
+    ckpt_dir = Path(ckpt_dir)
+    files = weight_files(ckpt_dir)
+    pairs = match_keys(tune_shapes, files, hf_config, ckpt_dir)
+    by_file: dict[Path, list[str]] = {}
+    for name, rows in pairs.items():
+        by_file.setdefault(files[rows.key], []).append(name)
+    for path, names in sorted(by_file.items()):
+        with open_safetensors(path) as handle:
+            for name in names:
+                rows = pairs[name]
+                try:
+                    full_shape = tuple(handle.get_slice(rows.key).get_shape())
+                except Exception as err:
+                    raise ValueError(f"{path}: cannot read {rows.key}: {err} (the index names a tensor the file "
+                                     "lacks?)") from err
+                if full_shape != tuple(rows.shape):
+                    # A fused tensor's shape is set by the fields of all its parts.
+                    parts = [n for n, r in pairs.items() if r.key == rows.key]
+                    fields = dict.fromkeys(f for n in parts for f in shape_fields(n, hf_config).split(", "))
+                    raise ValueError(f"{path}: {rows.key} has shape {full_shape}, but config.json's "
+                                     f"{', '.join(fields)} give {tuple(rows.shape)} for {', '.join(parts)}: "
+                                     "config.json contradicts the weights; correct those fields")
+    return files, pairs
 
 
 @torch.no_grad()
@@ -152,25 +292,18 @@ def load_hf_weights(model: nn.Module, ckpt_dir: str | Path, hf_config: dict) -> 
     rank reading only the rows it owns, converted to the model's dtype. Adapter tensors (cores,
     LoRA factors) are left alone: `reset_adapters` initialises them."""
     ckpt_dir = Path(ckpt_dir)
-    files = weight_files(ckpt_dir)
     params = base_parameters(model)
-    pairs = match_keys(params, files, hf_config, ckpt_dir)
+    files, pairs = check_hf_weights({name: p.shape for name, p in params.items()}, ckpt_dir, hf_config)
     perms = row_permutations(hf_config)
     handles: dict[Path, object] = {}
     for name, param in params.items():
-        hf_key, path = pairs[name], files[pairs[name]]
+        rows = pairs[name]
+        hf_key, path = rows.key, files[rows.key]
         if path not in handles:
             handles[path] = open_safetensors(path)
-        try:
-            full_shape = tuple(handles[path].get_slice(hf_key).get_shape())
-        except Exception as err:
-            raise ValueError(f"{path}: cannot read {hf_key}: {err} (the index names a tensor the file lacks?)") from err
-        if full_shape != tuple(param.shape):
-            raise ValueError(f"{path}: {hf_key} has shape {full_shape}, the model built from config.json "
-                             f"expects {tuple(param.shape)} for {name}")
         start, stop = _row_range(param)
         try:
-            value = _read_rows(handles[path], hf_key, start, stop, permutation_for(name, perms))
+            value = _read_rows(handles[path], rows, start, stop, permutation_for(name, perms))
         except Exception as err:
             raise ValueError(f"cannot read {hf_key} from {path}: {err}") from err
         local = param.to_local() if isinstance(param, DTensor) else param
@@ -192,12 +325,12 @@ def _progress(enabled: bool, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict[str, str]:
+def hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict[str, HFRows]:
     """Write the base weights of an HF checkpoint as a ``torch.distributed.checkpoint`` directory
     keyed by torchtune parameter names (q/k rows in torchtune's layout, dtypes as in the files),
     plus config.json and the tokenizer files. Any number of ranks can then ``dcp.load`` their
     shards from it. One process; one tensor in memory at a time (read when DCP writes it).
-    Returns ``{torchtune name: HF key}``."""
+    Returns ``{torchtune name: HFRows}`` (its HF tensor and rows)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if out_dir.resolve() == hf_dir.resolve():
         raise ValueError(f"--out {out_dir} is the HF checkpoint itself; choose a new directory")
@@ -206,22 +339,22 @@ def hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, progress: bool = True) ->
     with torch.device("meta"):
         model = build_decoder(hf_config)
     params = base_parameters(model)
-    pairs = match_keys(params, files, hf_config, hf_dir)
+    pairs = match_keys({name: p.shape for name, p in params.items()}, files, hf_config, hf_dir)
     handles = {path: open_safetensors(path) for path in sorted(set(files.values()))}
     placeholders = {}
-    for name, hf_key in pairs.items():
-        sliced = handles[files[hf_key]].get_slice(hf_key)
+    for name, rows in pairs.items():
+        sliced = handles[files[rows.key]].get_slice(rows.key)
         shape = tuple(sliced.get_shape())
-        if shape != tuple(params[name].shape):
-            raise ValueError(f"{files[hf_key]}: {hf_key} has shape {shape}, config.json implies "
-                             f"{tuple(params[name].shape)}")
+        if shape != rows.shape:
+            raise ValueError(f"{files[rows.key]}: {rows.key} has shape {shape}, config.json implies {rows.shape}")
         # Same shape and dtype as the converted tensor: DCP plans from these, reads come later.
-        placeholders[name] = torch.empty(shape, dtype=_SAFETENSORS_DTYPES[sliced.get_dtype()], device="meta")
+        placeholders[name] = torch.empty(tuple(params[name].shape), dtype=_SAFETENSORS_DTYPES[sliced.get_dtype()],
+                                         device="meta")
     perms = row_permutations(hf_config)
 
     def read(name: str) -> torch.Tensor:
-        hf_key = pairs[name]
-        return _read_rows(handles[files[hf_key]], hf_key, 0, placeholders[name].shape[0],
+        rows = pairs[name]
+        return _read_rows(handles[files[rows.key]], rows, 0, placeholders[name].shape[0],
                           permutation_for(name, perms)).contiguous()
 
     planner = _LazyPlanner(read, total=len(placeholders), progress=progress)

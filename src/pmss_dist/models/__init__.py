@@ -1,15 +1,23 @@
 """torchtune decoders built from a Hugging Face ``config.json``: the table of supported families.
 
-torchtune owns the architectures; a family module (``llama``, ``mistral``, ``qwen2``, ``gemma``)
-says everything pmss_dist must know of one HF class:
+torchtune owns the architectures (Qwen3, which it lacks, is composed from its modules); a family
+module (``llama``, ``mistral``, ``qwen2``, ``gemma``, ``phi3``, ...) says everything pmss_dist must
+know of one HF class:
 
 - ``ARCHITECTURE``: the HF class name in ``config.json``'s ``architectures``;
 - ``PERMUTED_QK``: whether q/k rows are permuted between HF's RoPE layout (halves) and torchtune's
   (interleaved pairs) on import and export;
 - ``build(hf_config, **common)``: the torchtune decoder, from the fields every family shares
   (`build_decoder` reads them) and its own;
-- optionally ``HF_KEYS`` (torchtune key template -> HF key template, beyond torchtune's common map)
-  and ``TIED_BY_DEFAULT`` (the output shares the embedding unless ``tie_word_embeddings`` says no).
+- optionally ``HF_KEYS`` (torchtune key template -> HF key template, added to torchtune's common map
+  or replacing an entry of it: Gemma 2's ``mlp_norm`` is its pre-feedforward norm)
+  and ``TIED_BY_DEFAULT`` (the output shares the embedding unless ``tie_word_embeddings`` says no);
+- optionally ``ROPE_SCALING``: the RoPE scaling types (config.json's ``rope_type``/``type``) its
+  ``build`` implements; any other is refused by `rope_scaling`;
+- optionally ``FUSED`` (HF key template -> the torchtune key templates whose rows that one HF
+  tensor stacks, in order): Phi-3's ``qkv_proj`` holds q, k and v. ``hf.keys`` turns it into a row
+  range per torchtune parameter, which import reads, merged and full export write back into, and
+  PEFT export targets as one module.
 
 An architecture not in `FAMILIES` fails before any work is done.
 """
@@ -22,10 +30,10 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
 
-from pmss_dist.models import gemma, llama, mistral, qwen2
+from pmss_dist.models import gemma, gemma2, llama, mistral, phi3, qwen2, qwen3
 
 # HF architecture name -> family module: the one table of what is supported.
-FAMILIES: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (llama, mistral, qwen2, gemma)}
+FAMILIES: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (llama, mistral, qwen2, qwen3, gemma, gemma2, phi3)}
 
 
 def model_family(hf_config: dict) -> ModuleType:
@@ -41,19 +49,70 @@ def head_dim(hf_config: dict) -> int:
     return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
 
 
+# The config.json fields that set a parameter's shape, by the parameter's module (its name's last
+# part before weight/bias/scale); anything else (the norms) is hidden_size wide.
+_SHAPE_FIELDS = {
+    "tok_embeddings": ("vocab_size", "hidden_size"), "output": ("vocab_size", "hidden_size"),
+    "q_proj": ("num_attention_heads", "head_dim", "hidden_size"),
+    "output_proj": ("num_attention_heads", "head_dim", "hidden_size"),
+    "k_proj": ("num_key_value_heads", "head_dim", "hidden_size"),
+    "v_proj": ("num_key_value_heads", "head_dim", "hidden_size"),
+    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "w1": ("intermediate_size", "hidden_size"), "w2": ("intermediate_size", "hidden_size"),
+    "w3": ("intermediate_size", "hidden_size"),
+}
+
+
+def shape_fields(tune_name: str, hf_config: dict) -> str:
+    """``"num_key_value_heads=2, head_dim=8, hidden_size=32"``: the config.json fields, with the
+    values the model was built from, that set the shape of parameter ``tune_name``."""
+    parts = tune_name.split(".")
+    module = parts[-2] if len(parts) >= 2 else parts[0]
+    c = hf_config
+    derived = "" if c.get("head_dim") else f" (hidden_size/num_attention_heads = {c['hidden_size']}/{c['num_attention_heads']})"
+    values = {**c, "head_dim": f"{head_dim(c)}{derived}",
+              "num_key_value_heads": c.get("num_key_value_heads", c["num_attention_heads"])}
+    return ", ".join(f"{field}={values.get(field)}" for field in _SHAPE_FIELDS.get(module, ("hidden_size",)))
+
+
+def check_head_dim_derived(hf_config: dict, builder: str) -> None:
+    """Refuse an explicit ``head_dim`` other than hidden_size / num_attention_heads, for torchtune
+    builders that derive it (llama3, mistral): their model would not be the checkpoint's."""
+    c = hf_config
+    if c.get("head_dim") and c["head_dim"] != c["hidden_size"] // c["num_attention_heads"]:
+        raise ValueError(f"config.json: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads "
+                         f"({c['hidden_size']}/{c['num_attention_heads']}), which torchtune's {builder} builder "
+                         f"assumes for {model_family(c).ARCHITECTURE}; such checkpoints (e.g. Mistral-Nemo) are "
+                         f"not supported")
+
+
 def tied_embeddings(hf_config: dict) -> bool:
     default = getattr(model_family(hf_config), "TIED_BY_DEFAULT", False)
     return bool(hf_config.get("tie_word_embeddings", default))
 
 
+def rope_scaling(hf_config: dict) -> dict | None:
+    """The RoPE scaling config.json asks for, its type under ``"rope_type"``; ``None`` for plain
+    RoPE. transformers < 5 writes ``rope_scaling`` (type under ``type`` or ``rope_type``) at the top
+    level; 5.x nests it in ``rope_parameters`` (``rope_type`` "default" meaning no scaling). A type
+    the family does not implement (its ``ROPE_SCALING``) is refused here, the one place that says so."""
+    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    family = model_family(hf_config)
+    supported = getattr(family, "ROPE_SCALING", ())
+    if kind not in supported:
+        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported for {family.ARCHITECTURE} "
+                         f"(supported: {list(supported) or 'none'}); use a checkpoint without it")
+    return {**scaling, "rope_type": kind}
+
+
 def rope_theta(hf_config: dict) -> float:
-    """The RoPE base. transformers < 5 writes ``rope_theta``/``rope_scaling`` at the top level;
-    5.x nests both in ``rope_parameters`` (``rope_type`` "default" meaning no scaling)."""
+    """The RoPE base: top-level ``rope_theta`` (transformers < 5) or ``rope_parameters.rope_theta``
+    (5.x). Scaling, if any, is refused or returned by `rope_scaling`, which this checks first."""
+    rope_scaling(hf_config)
     params = hf_config.get("rope_parameters") or {}
-    scaling = hf_config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    if scaling:
-        raise ValueError(f"config.json sets RoPE scaling {scaling}, which pmss_dist does not "
-                         "support yet; use a checkpoint without RoPE scaling")
     return float(hf_config.get("rope_theta", params.get("rope_theta", 10000.0)))
 
 

@@ -1,13 +1,36 @@
-"""Qwen2 (``Qwen2ForCausalLM``): q/k/v biases, tied or untied output."""
+"""Qwen2 and Qwen2.5 (``Qwen2ForCausalLM``): q/k/v biases, tied or untied output, and the sliding
+window of the layers from ``max_window_layers`` on when ``use_sliding_window`` is set (released
+Qwen2.5 checkpoints leave it off)."""
 
 from torchtune.models.qwen2 import qwen2
+
+from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
 
 ARCHITECTURE = "Qwen2ForCausalLM"
 # torchtune's Qwen2 rotates halves, as HF does: no permutation.
 PERMUTED_QK = False
 # Beyond the common map: the q/k/v biases.
 HF_KEYS = {f"layers.{{}}.attn.{p}_proj.bias": f"model.layers.{{}}.self_attn.{p}_proj.bias" for p in "qkv"}
+# transformers' Qwen2Config defaults, for a config.json without the keys.
+DEFAULT_SLIDING_WINDOW = 4096
+DEFAULT_MAX_WINDOW_LAYERS = 28
 
 
 def build(hf_config: dict, **common):
-    return qwen2(**common, tie_word_embeddings=hf_config.get("tie_word_embeddings", False))
+    from pmss_dist.models import check_head_dim_derived
+
+    c = hf_config
+    check_head_dim_derived(c, "qwen2")
+    model = qwen2(**common, tie_word_embeddings=c.get("tie_word_embeddings", False))
+    add_sliding_windows(model, sliding_windows(c, common["num_layers"]))
+    return model
+
+
+def sliding_windows(hf_config: dict, num_layers: int) -> list[int | None]:
+    """Each layer's window as transformers' Qwen2Config reads config.json (Qwen3Config reads it the
+    same way, with the same defaults)."""
+    c = hf_config
+    # transformers ignores sliding_window (Qwen2.5 ships 131072 or 32768) unless use_sliding_window.
+    window = c.get("sliding_window", DEFAULT_SLIDING_WINDOW) if c.get("use_sliding_window", False) else None
+    first_sliding = c.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS)
+    return layer_windows(c, window, [i >= first_sliding for i in range(num_layers)])
