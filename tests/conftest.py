@@ -48,8 +48,32 @@ def run_job(nproc: int, overrides: list[str], script: Path = TRAIN, timeout: flo
     return proc
 
 
+def run_direct(overrides: list[str], timeout: float = 300, config: Path = TINY_CONFIG,
+               **env: str) -> subprocess.CompletedProcess:
+    """launch/train.py in one process without torchrun (a world of one): its exit code and stderr
+    are the trainer's own, not torchrun's summary of them."""
+    cmd = [sys.executable, str(TRAIN), "--config", str(config), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=job_env(**env), cwd=REPO)
+
+
 def summary(output_dir: Path) -> dict:
     return json.loads((Path(output_dir) / "summary.json").read_text())
+
+
+PROBE = REPO / "tests" / "dist_probe.py"
+
+
+def probe(nproc: int, out: Path, *extra: str, overrides: list[str] = FAST) -> dict:
+    """Train like launch/train.py through tests/dist_probe.py, which records what each rank holds:
+    ``{"summary": summary.json, "ranks": [{"tensors": trainable tensors, "meta": frozen bytes ...}]}``."""
+    from safetensors import safe_open
+
+    run_job(nproc, [*overrides, f"output_dir={out}", *extra], script=PROBE)
+    ranks = []
+    for r in range(nproc):
+        with safe_open(str(out / f"rank{r}.safetensors"), "pt") as f:
+            ranks.append({"tensors": {k: f.get_tensor(k) for k in f.keys()}, "meta": f.metadata()})
+    return {"summary": summary(out), "ranks": ranks}
 
 
 @pytest.fixture(scope="session")

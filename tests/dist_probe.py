@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from pmss_dist.adapters.layers import plain_name
 from pmss_dist.config import load_config
 from pmss_dist.parallel.env import init_distributed, shutdown
-from pmss_dist.train.trainer import StopRequest, fit, setup
+from pmss_dist.train.trainer import StopRequest, fit, release_output_dir, setup
 
 
 def local(p: torch.Tensor) -> torch.Tensor:
@@ -27,11 +27,11 @@ def _hang_save_at(step: int) -> None:
 
     publish = checkpoint.CheckpointManager.publish
 
-    def hanging_publish(self, partial, final, record):
+    def hanging_publish(self, partial, final, record, *args, **kwargs):
         if record.step == step:
             print(f"hanging in save of step {step}", file=sys.stderr, flush=True)
             time.sleep(600)
-        publish(self, partial, final, record)
+        publish(self, partial, final, record, *args, **kwargs)
 
     checkpoint.CheckpointManager.publish = hanging_publish
 
@@ -56,6 +56,7 @@ def main() -> None:
             frozen_changed += int(not torch.equal(local(p), frozen_before[name]))
     save_file(tensors, f"{cfg.output_dir}/rank{env.rank}.safetensors",
               metadata={"frozen_bytes": str(frozen_bytes), "frozen_changed": str(frozen_changed)})
+    release_output_dir(cfg, env)
     shutdown()
 
 

@@ -38,6 +38,15 @@ def test_overrides_are_parsed_by_type():
     ("data.batch_size=30", "data.batch_size=30 is not divisible by data.micro_batch_size=8"),
     ("max_steps", "is not key=value"),
     ("optim.betas=[0.9]", "optim.betas must have two values"),
+    # issue 21, item 13: values that passed validation before
+    ("optim.lr=.nan", "optim.lr must be a finite number in (0, inf), got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("adapter.alpha=-32", "adapter.alpha must be a finite number in (0, inf), got -32.0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0, got -5"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas[1] must be a finite number in [0, 1)"),
+    ("optim.eps=0", "optim.eps must be a finite number in (0, inf)"),
+    ("checkpoint.divergence_factor=0.5", "checkpoint.divergence_factor must be 0 (off) or above 1"),
+    ("adapter.targets=[3", "override 'adapter.targets=[3': expected ',' or ']'"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -50,6 +59,29 @@ def test_world_size_divisibility_names_the_keys():
     assert check_world_size(cfg, 2) == 2
     with pytest.raises(ConfigError, match=r"data.batch_size=16 is not divisible .* world size \(3\)"):
         check_world_size(cfg, 3)
+
+
+def test_yaml_errors_name_the_file_and_line_and_tags_build_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: 5\nadapter:\n  targets: [q_proj, v_proj\n  rank: 8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: .*\(while parsing a flow sequence started on line 3\)"):
+        load_config(bad)
+    marker = tmp_path / "pwned"
+    bad.write_text(f"max_steps: 5\nseed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: could not determine a constructor .*no !!python tags"):
+        load_config(bad)
+    assert not marker.exists()
+    bad.write_bytes(b"max_steps: 5\nseed: \xff\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not UTF-8 text"):
+        load_config(bad)
+
+
+def test_run_identity_keys_are_config_keys():
+    from pmss_dist.config import RUN_IDENTITY_KEYS, TrainConfig, run_identity, to_dict
+
+    assert set(RUN_IDENTITY_KEYS) <= set(_keys(TrainConfig))
+    full = run_identity(to_dict(load_config(None, ["adapter.kind=full", "data.source=x.jsonl"])))
+    assert "adapter.rank" not in full and "data.num_samples" not in full and full["data.source"] == "x.jsonl"
 
 
 def test_missing_config_file_and_non_mapping(tmp_path):

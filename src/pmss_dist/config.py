@@ -7,6 +7,7 @@ value of the wrong type or an impossible value stops the run with a message nami
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ class ParallelConfig:
     # auto: keep blocks gathered from forward to backward (one all-gather per block per step
     # instead of two) when the whole model fits in a quarter of a rank's memory; see parallelize.
     reshard_after_forward: bool | str = "auto"  # auto | true | false
+    # The data-parallel mesh, dp_replicate x dp_shard = world size (parallel/mesh.py): dp_shard ranks
+    # share one copy of the base, sharded (FSDP2); dp_replicate copies (HSDP across them).
+    dp_shard: int | str = "auto"  # auto: a node's ranks, or the whole nodes the base needs; 1: replicated
+    dp_replicate: int | str = "auto"  # auto: world size / dp_shard
 
 
 @dataclass
@@ -104,6 +109,9 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | a checkpoint dir
     async_save: bool = False  # overlap writing with the next steps (pays off for large adapters)
+    # A step whose loss exceeds this factor times the mean of the recent losses is divergence: the
+    # run stops and the checkpoint before it is not published. 0: only non-finite losses count.
+    divergence_factor: float = 10.0
 
 
 @dataclass
@@ -127,18 +135,39 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            raw = _parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. max_steps=5, adapter.rank=8)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        parsed = _parse_yaml(value, f"override {item!r}") if value.strip() else None
+        _set_dotted(raw, key.strip(), parsed)
     cfg = _build(TrainConfig, raw, prefix="")
     validate(cfg)
     return cfg
+
+
+def _parse_yaml(text: str, where: str):
+    """YAML through the safe loader; a syntax error or a tag that would build a Python object is a
+    ConfigError naming ``where`` and the line (``where`` is a file, or an override)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        in_file = not where.startswith("override")
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        line = f":{mark.line + 1}" if mark is not None and in_file else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if context is not None and in_file and getattr(err, "context", None) and context.line != mark.line:
+            problem += f" ({err.context} started on line {context.line + 1})"
+        hint = ("only plain YAML values are allowed (no !!python tags)"
+                if isinstance(err, yaml.constructor.ConstructorError)
+                else "fix the YAML syntax (quote values with special characters)")
+        raise ConfigError(f"{where}{line}: {problem}; {hint}") from None
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -213,6 +242,16 @@ def _choice(key: str, value, choices) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
 
 
+def _check_float(key: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """``value`` is a finite number in the range from ``low`` to ``high`` (open or closed ends)."""
+    ok = (math.isfinite(value) and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+        raise ConfigError(f"{key} must be a finite number in {lo}{low}, {high}{hi}, got {value}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no model and no process group (those follow at start-up)."""
     _choice("model.dtype", cfg.model.dtype, DTYPES)
@@ -222,6 +261,12 @@ def validate(cfg: TrainConfig) -> None:
     _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, AC_MODES)
     if isinstance(cfg.parallel.reshard_after_forward, str):
         _choice("parallel.reshard_after_forward", cfg.parallel.reshard_after_forward, ("auto", True, False))
+    for key in ("dp_shard", "dp_replicate"):
+        value = getattr(cfg.parallel, key)
+        if isinstance(value, str):
+            _choice(f"parallel.{key}", value, ("auto",))
+        elif value < 1:
+            raise ConfigError(f"parallel.{key} must be >= 1 or auto, got {value}")
     for t in cfg.adapter.targets:
         _choice("adapter.targets", t, TARGET_ALIASES)
     positive = {"max_steps": cfg.max_steps, "adapter.rank": cfg.adapter.rank, "data.seq_len": cfg.data.seq_len,
@@ -233,10 +278,22 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1, got "
                           f"{cfg.checkpoint.every_steps} and {cfg.checkpoint.keep_last}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    _check_float("optim.lr", cfg.optim.lr, 0, low_open=True)
+    _check_float("adapter.alpha", cfg.adapter.alpha, 0, low_open=True)
+    _check_float("optim.weight_decay", cfg.optim.weight_decay, 0)
+    _check_float("optim.eps", cfg.optim.eps, 0, low_open=True)
+    for i, beta in enumerate(cfg.optim.betas):
+        _check_float(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
+    _check_float("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 0, 1)
+    _check_float("optim.grad_clip", cfg.optim.grad_clip, 0)
+    _check_float("checkpoint.divergence_factor", cfg.checkpoint.divergence_factor, 0)
+    if cfg.checkpoint.divergence_factor and cfg.checkpoint.divergence_factor <= 1:
+        raise ConfigError(f"checkpoint.divergence_factor must be 0 (off) or above 1, got "
+                          f"{cfg.checkpoint.divergence_factor}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
     _choice("data.format", cfg.data.format, DATA_FORMATS)
     _choice("data.on_bad_row", cfg.data.on_bad_row, BAD_ROW_MODES)
     for name in cfg.data.columns:
@@ -263,3 +320,48 @@ def check_world_size(cfg: TrainConfig, world_size: int) -> int:
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
+    """A resolved config (``to_dict``, or a ``config.json``) as ``{dotted key: value}``."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "columns":  # data.columns is a value, not a section
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# What a run *is*: the settings that decide which model is trained on which data in which order.
+# A resume that changes one of them would continue another run's state, so it is refused
+# (train.checkpoint); every other key (max_steps, optim.*, eval, logging, checkpointing,
+# parallelism, the world size) may change on resume and takes effect from the resumed step.
+RUN_IDENTITY_KEYS = ("seed", "model.dtype", "adapter.kind", "adapter.rank", "adapter.alpha", "adapter.targets",
+                     "adapter.method", "data.source", "data.num_samples", "data.seq_len", "data.batch_size",
+                     "data.train_on_prompt", "data.format", "data.columns", "data.prompt_template",
+                     "data.use_chat_template", "data.packed")
+
+
+def run_identity(config: dict) -> dict[str, object]:
+    """The `RUN_IDENTITY_KEYS` of a resolved config that matter for its adapter kind and data
+    source (``adapter.rank`` means nothing to full fine-tuning, ``data.num_samples`` only to the
+    built-in task), as JSON values. Keys a config lacks are left out."""
+    flat = flat_config(config)
+    unused = set()
+    if flat.get("adapter.kind") == "full":
+        unused |= {"adapter.rank", "adapter.alpha", "adapter.targets", "adapter.method"}
+    elif flat.get("adapter.kind") == "lora":
+        unused.add("adapter.method")
+    if not str(flat.get("data.source", "")).startswith("builtin:"):
+        unused.add("data.num_samples")
+    return {key: _json_value(flat[key]) for key in RUN_IDENTITY_KEYS if key in flat and key not in unused}
+
+
+def _json_value(value):
+    """Tuples as lists: values compare as they will after a round trip through JSON."""
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value

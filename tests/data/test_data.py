@@ -315,6 +315,36 @@ def test_build_dataset_skip_mode_reports(tmp_path, capsys):
     assert "skipped 1 malformed rows of 3" in capsys.readouterr().err
 
 
+def test_bytes_that_are_not_utf8_are_a_malformed_row_at_their_line(tmp_path, capsys):
+    # issue 21, item 11: a 0xFF byte on line 3 raised UnicodeDecodeError, also with on_bad_row=skip
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"question": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4"}\n'
+                     b'{"question": "3+\xff=", "answer": "6"}\n{"question": "4+4=", "answer": "8"}\n')
+    with pytest.raises(datasets.DataError, match=rf"{path}:3: not valid UTF-8 \(byte 0xff at column 17\)"):
+        datasets.load_examples(path)
+    bad = datasets.BadRows("skip")
+    assert [e["where"] for e in datasets.load_examples(path, bad=bad)] == [f"{path}:{i}" for i in (1, 2, 4)]
+    assert bad.skipped == 1 and f"{path}:3: not valid UTF-8" in bad.summary()
+    for suffix, text in ((".json", b'[{"question": "1+1=", "answer": "2"},\n {"question": "\xfe", "answer": "4"}]'),
+                         (".csv", b'question,answer\n1+1=,2\n2+\xff=,4\n')):
+        other = tmp_path / f"d{suffix}"
+        other.write_bytes(text)  # a file read whole: the error names the line and stops the load
+        with pytest.raises(datasets.DataError, match=rf"{other}:[23]: not valid UTF-8"):
+            datasets.load_examples(other, bad=datasets.BadRows("skip"))
+
+
+def test_seq_len_that_leaves_nothing_to_train_is_refused():
+    # issue 21, item 12: every sample cut before its first trained token ended in ZeroDivisionError
+    tok = ByteTokenizer(256, 257, 258)
+    cfg = DataConfig(num_samples=16, seq_len=4)
+    with pytest.raises(datasets.DataError, match=r"data.seq_len=4 cuts every one of the 16 samples of "
+                                                 r"builtin:arithmetic before its first trained token: raise "
+                                                 r"data.seq_len to at least \d+"):
+        D.build_dataset(cfg, tok, seed=0)
+    cfg.seq_len = 8  # some samples keep a trained token: trains, with the usual report
+    assert len(D.build_dataset(cfg, tok, seed=0)) == 16
+
+
 def test_choice_rows(tmp_path):
     rows = [{"question": "2+2?", "choices": ["3", "4"], "answer": 1}, {"question": "x", "choices": ["a"], "answer": 0},
             {"question": "1+1?", "choices": ["2", "5", "7"], "answer": "A"}]

@@ -47,6 +47,8 @@ def test_old_selection_file_is_reused(uninterrupted, tmp_path):
     proc = run_job(1, [*SETTINGS, f"output_dir={out}", "max_steps=1", f"adapter.selection_file={OLD / 'selection.json'}"])
     assert "reusing skeleton selection" in proc.stderr
     old, new = json.loads((OLD / "selection.json").read_text()), json.loads((out / "selection.json").read_text())
+    # The old file was accepted by its header fingerprint; the run records the base's content fingerprint.
+    assert old.pop("base_fingerprint") == "38ff1f62042b016f" and new.pop("base_fingerprint").startswith("sha256:")
     assert new == old
 
 

@@ -3,26 +3,13 @@ fail-fast configs, TensorBoard output."""
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import FAST, REPO, job_env, run_job, summary, torchrun_cmd
+from conftest import FAST, REPO, job_env, probe, run_job, torchrun_cmd
 
 pytestmark = pytest.mark.slow  # torchrun jobs
-
-PROBE = REPO / "tests" / "dist_probe.py"
-
-
-def probe(nproc: int, out: Path, *extra: str) -> dict:
-    run_job(nproc, [*FAST, f"output_dir={out}", *extra], script=PROBE)
-    ranks = []
-    for r in range(nproc):
-        with safe_open(str(out / f"rank{r}.safetensors"), "pt") as f:
-            ranks.append({"tensors": {k: f.get_tensor(k) for k in f.keys()}, "meta": f.metadata()})
-    return {"summary": summary(out), "ranks": ranks}
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Nothing saved is lost: SIGKILL mid-training and mid-save, SIGTERM, resume on another world size,
 corrupted checkpoints, NaN loss. Every resumed run must reproduce the uninterrupted one."""
 
-import json
 import os
 import shutil
 import signal
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, REPO, job_cmd, job_env, run_job, summary
+from conftest import FAST, REPO, job_cmd, job_env, run_direct, run_job, summary
 
 pytestmark = pytest.mark.slow  # torchrun jobs, killed and resumed
 
@@ -146,16 +145,22 @@ def test_corrupted_checkpoint_falls_back_to_previous(uninterrupted, session_tmp,
     assert_same_run(out, uninterrupted)
 
 
-def test_nan_loss_stops_without_touching_the_last_checkpoint(session_tmp):
+def test_divergence_is_caught_before_its_checkpoint_is_published(session_tmp):
+    # Issue 21, item 7: lr=1e30 makes step 1's update poison the cores (finite, ~1e29); step 2's
+    # loss is NaN. Step 1's checkpoint must not be published, or a rerun resumes into the poison.
     out = session_tmp / "nan"
-    proc = run_job(1, [*FAST, "checkpoint.every_steps=1", "optim.lr=1e30", "optim.grad_clip=0",
-                       f"output_dir={out}"], check=False)
-    assert proc.returncode != 0
-    assert "NonFiniteLossError" in proc.stderr and "the last checkpoint is untouched" in proc.stderr
-    step = latest_step(out)
-    assert step >= 1 and not (out / "summary.json").exists()
-    manifest = json.loads((out / "checkpoints" / f"step_{step:06d}" / "manifest.json").read_text())
-    assert all(map(lambda x: x == x and abs(x) != float("inf"), manifest["extra"]["losses"]))
+    proc = run_direct([*FAST, "checkpoint.every_steps=1", "optim.lr=1e30", f"output_dir={out}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: training diverged at step 2: the loss is nan") and \
+        "step_000001 was not published" in error and "newest good checkpoint is none" in error
+    assert latest_step(out) == 0 and not (out / "summary.json").exists()
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")]
+    # A rerun with a sane lr starts afresh (resume=auto finds nothing to resume) and finishes.
+    rerun = run_direct([*FAST, "checkpoint.every_steps=1", f"output_dir={out}"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" not in rerun.stderr and summary(out)["completed"]
+    assert all(x == x and abs(x) < 100 for x in summary(out)["losses"])
 
 
 def test_async_save_publishes_the_same_checkpoints_and_resumes(uninterrupted, session_tmp):

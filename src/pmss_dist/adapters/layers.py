@@ -233,7 +233,9 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, int]:
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
             limit = min(child.in_features, child.out_features) if spec.kind == "pmss" else None
             if limit is not None and spec.size > limit:
-                raise ValueError(f"adapter.rank={spec.size} is larger than layer {full_name} allows "
+                from pmss_dist.config import ConfigError  # here: pmss_dist.config imports this module
+
+                raise ConfigError(f"adapter.rank={spec.size} is larger than layer {full_name} allows "
                                  f"({child.out_features}x{child.in_features}: k <= {limit}); lower adapter.rank")
             layer = cls(child.in_features, child.out_features, spec.size, spec.alpha,
                         bias=child.bias is not None, device=child.weight.device, dtype=child.weight.dtype)

@@ -231,8 +231,11 @@ def save_selection(path, selections: Mapping[str, Selection], *, method: str, k:
 
 
 def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerprint: str,
-                   shapes: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Selection]:
-    """Read a selection file, refusing one made for another base, method, k, seed or model."""
+                   shapes: Mapping[str, tuple[int, int]] | None = None,
+                   header_fingerprint: str | None = None) -> dict[str, Selection]:
+    """Read a selection file, refusing one made for another base, method, k, seed or model. A file
+    written before content fingerprints records the base's header fingerprint
+    (``hf.load.header_fingerprint``): it is accepted when it equals ``header_fingerprint``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"selection file {path} does not exist")
@@ -248,6 +251,8 @@ def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerpr
                          f"this code reads version {_FILE_VERSION}")
 
     hint = "delete it or point selection_file elsewhere"
+    if header_fingerprint is not None and doc.get("base_fingerprint") == header_fingerprint:
+        base_fingerprint = header_fingerprint  # an older file: the base is checked by its headers
     expected = {"base fingerprint": ("base_fingerprint", base_fingerprint), "method": ("method", method),
                 "k (adapter.rank)": ("rank", _json_k(k)), "seed": ("seed", int(seed))}
     for what, (key, want) in expected.items():

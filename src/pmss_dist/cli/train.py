@@ -9,7 +9,22 @@ import os
 import sys
 
 from pmss_dist.config import ConfigError, load_config
-from pmss_dist.train.trainer import EXIT_REQUEUE, train
+from pmss_dist.data.rows import DataError
+from pmss_dist.data.tokenizers import TokenizerError
+from pmss_dist.train.checkpoint import CheckpointError
+from pmss_dist.train.run_dir import RunDirError
+from pmss_dist.train.trainer import EXIT_REQUEUE, DivergenceError, train
+
+# Errors a user causes (config, data, checkpoints, the output directory, a diverging lr): one line
+# on stderr from every rank, exit code 2, no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, RunDirError, DivergenceError)
+EXIT_USER_ERROR = 2
+
+
+def report(err: Exception) -> int:
+    label = "config error" if isinstance(err, ConfigError) else "error"
+    print(f"{label}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
 
 
 def main(argv=None) -> int:
@@ -21,15 +36,30 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         # Every rank parses the same config and stops here, before any collective: no hang.
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    summary = train(cfg)
+        return report(err)
+    try:
+        summary = train(cfg)
+    except USER_ERRORS as err:
+        # Raised on every rank alike (the same config, files and all-reduced losses; rank 0's
+        # findings are broadcast first), so no rank is left waiting in a collective.
+        _leave_process_group()
+        return report(err)
     if not summary["completed"]:
         return EXIT_REQUEUE  # stopped by SIGTERM/SIGUSR1 after saving: resume=auto continues
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # the process group is gone
         print(f"done: {summary['steps']} steps, loss {summary['initial_loss']:.4f} -> "
               f"{summary['final_loss']:.4f}; results in {cfg.output_dir}/summary.json", file=sys.stderr)
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # leaving anyway
+            pass
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ class GlobalBatchSampler:
         self.step += 1
         return self._perm[pos * self.global_batch:(pos + 1) * self.global_batch]
 
+    def peek_batch(self) -> list[int]:
+        """The global batch `next_batch` will return, without moving on."""
+        step = self.step
+        try:
+            return self.next_batch()
+        finally:
+            self.step = step
+
     def state_dict(self) -> dict:
         return {"step": self.step, "num_samples": self.num_samples, "global_batch": self.global_batch,
                 "seed": self.seed}

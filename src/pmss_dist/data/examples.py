@@ -159,6 +159,12 @@ def _tokenized(source: str, data_cfg, tokenizer, seed: int, held_out: bool) -> l
     too_long = [s for s in samples if len(s["tokens"]) > data_cfg.seq_len]
     if too_long:
         lost = sum(all(x == IGNORE_INDEX for x in s["labels"][:data_cfg.seq_len]) for s in too_long)
+        if lost == len(samples):  # nothing left to train on: a step would divide by zero targets
+            need = min(next((t for t, x in enumerate(s["labels"]) if x != IGNORE_INDEX), len(s["labels"]))
+                       for s in samples) + 1
+            raise datasets.DataError(f"data.seq_len={data_cfg.seq_len} cuts every one of the {len(samples)} samples "
+                                     f"of {source} before its first trained token: raise data.seq_len to at "
+                                     f"least {need}")
         _report(f"{source}: {len(too_long)} of {len(samples)} samples are longer than data.seq_len="
                 f"{data_cfg.seq_len} and are cut ({lost} lose every trained token); raise data.seq_len")
     return samples

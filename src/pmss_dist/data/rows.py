@@ -22,6 +22,7 @@ A malformed row either stops the load with ``DataError`` naming file and line (`
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,17 +99,36 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict | RowError]]:
     elif path.suffix == ".csv":
         yield from _csv_records(path)
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        first = text.lstrip()[:1]
-        if path.suffix == ".json" and first == "[":
-            yield from _json_array_records(path, text)
+        data = path.read_bytes()
+        if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+            yield from _json_array_records(path, _decode(path, data))
         else:
-            yield from _jsonl_records(path, text)
+            yield from _jsonl_records(path, data)
 
 
-def _jsonl_records(path: Path, text: str):
-    for line_no, line in enumerate(text.splitlines(), start=1):
+def _not_utf8(data: bytes, err: UnicodeDecodeError, start: int = 0) -> str:
+    """What is wrong, for a message: the byte and its column on its line."""
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1 + start
+    return f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column})"
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """A whole file as UTF-8 text, or a DataError naming the line of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: {_not_utf8(data, err)}; re-save the file as UTF-8") from None
+
+
+def _jsonl_records(path: Path, data: bytes):
+    """One row per line; a line that is not UTF-8 or not JSON is a malformed row (``on_bad_row``)."""
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield f"{path}:{line_no}", RowError(_not_utf8(raw, err))
+            continue
         if not line.strip():
             continue
         try:
@@ -169,7 +189,7 @@ def _parquet_records(path: Path):
 
 
 def _csv_records(path: Path):
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_decode(path, path.read_bytes()), newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise DataError(f"{path}: empty CSV file (the first line must name the columns)")

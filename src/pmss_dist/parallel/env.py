@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +57,40 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None)
     mesh = init_device_mesh(device.type, (world_size,))
     return DistEnv(rank, world_size, local_rank, device, mesh)
+
+
+# Set by torchrun in every worker it starts.
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
+_WATCH_INTERVAL_S = 0.5
+_watching = False
+
+
+def watch_launcher() -> None:
+    """Under torchrun, end this process as soon as torchrun is gone. torchrun starts each worker in
+    a session of its own, so a ``kill -9`` of torchrun (or of its process group) leaves the
+    workers running, writing checkpoints beside whatever starts next. A daemon thread watches the
+    parent pid; when the worker has been re-parented, it exits at once (like a SIGKILL: a
+    checkpoint being written stays ``.partial``). Not started outside torchrun: a plain ``python``
+    run may outlive its shell (nohup) on purpose."""
+    global _watching
+    if _watching or TORCHRUN_ENV not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent and parent != 1:
+            time.sleep(_WATCH_INTERVAL_S)
+        print(f"rank {os.environ.get('RANK', '?')}: torchrun (pid {parent}) is gone: exiting", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pmss-watch-launcher", daemon=True).start()
+    _watching = True
 
 
 def shutdown() -> None:

@@ -9,15 +9,28 @@
       checkpoints/      step checkpoints (``train.checkpoint``)
       tensorboard/      scalars
       base_model/       only for ``model.path: builtin:tiny``: the tiny checkpoint the run wrote
+      run.lock          held by the run using the directory (pid, host); a second run is refused
+
+A run writes nothing outside its directory (and ``adapter.selection_file`` when asked to) and
+nothing inside its base checkpoint: `RunDir.check_outside` refuses an ``output_dir`` that is or lies
+inside ``model.path``, or a base that lies where the run writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 from pmss_dist.config import BUILTIN_TINY
 from pmss_dist.files import atomic_write
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (it overlaps the base, or another run holds it); a
+    user's error, reported in one line."""
 
 
 class RunDir:
@@ -31,6 +44,35 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.tensorboard = self.root / "tensorboard"
         self.base_model = self.root / "base_model"
+        self.lock = self.root / "run.lock"
+
+    def written(self, model_path: str) -> list[Path]:
+        """Everything a run with this ``model.path`` writes in its directory."""
+        paths = [self.config, self.summary, self.selection, self.adapter, self.merged, self.checkpoints,
+                 self.tensorboard, self.lock]
+        return paths + [self.base_model] if model_path == BUILTIN_TINY else paths
+
+    def check_outside(self, model_path: str, selection_file: str | None = None) -> None:
+        """Refuse a run that would write into its base checkpoint ``model_path``: an output_dir
+        that is or lies inside it, a base inside something the run writes, or a selection file to
+        be written inside the base."""
+        if model_path == BUILTIN_TINY:
+            return
+        base, root = Path(model_path).resolve(), self.root.resolve()
+        if root == base or base in root.parents:
+            raise RunDirError(f"output_dir={self.root} {'is' if root == base else 'lies inside'} model.path="
+                              f"{model_path}: the run would write into its base checkpoint; choose an output_dir "
+                              "outside it")
+        for path in self.written(model_path):
+            path = path.resolve()
+            if base == path or path in base.parents:
+                raise RunDirError(f"model.path={model_path} lies inside {path}, which this run (output_dir="
+                                  f"{self.root}) writes; copy the base elsewhere or choose another output_dir")
+        if selection_file and not Path(selection_file).is_file():
+            target = Path(selection_file).resolve()
+            if base in target.parents:
+                raise RunDirError(f"adapter.selection_file={selection_file} would be written inside model.path="
+                                  f"{model_path}; point it outside the base checkpoint")
 
     def base_dir(self, model_path: str) -> Path:
         """The base checkpoint of a run whose ``model.path`` is ``model_path``."""
@@ -55,3 +97,106 @@ class RunDir:
     @staticmethod
     def write_json(path: Path, doc) -> None:
         atomic_write(path, lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
+
+
+class RunLock:
+    """An exclusive lock on a run directory: the file ``path`` holds the owner's pid, host and
+    process start time (and SLURM job and attempt). A lock whose process is gone (on this host: no
+    such pid, or the pid now belongs to a later process; anywhere: an earlier attempt of the same
+    requeued SLURM job) is stale and taken over; a live one, or one held from another host, is
+    refused with the holder named."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": process_start(os.getpid()),
+                   "since": time.strftime("%Y-%m-%d %H:%M:%S"), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                   "slurm_attempt": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a stale lock was taken over. Raises RunDirError."""
+        note = None
+        for _ in range(3):
+            if self._create():
+                return note
+            holder = self._holder()
+            if holder == {}:
+                continue  # released while we looked: try again
+            if holder is not None and not self._stale(holder):
+                where = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since', '?')}"
+                raise RunDirError(f"{self.path.parent} is in use by another run ({where}): wait for it to end or "
+                                  f"choose another output_dir; if that process is gone, delete {self.path}")
+            what = "an unreadable lock" if holder is None else \
+                f"the stale lock of pid {holder.get('pid')} on {holder.get('host')} (no longer running)"
+            note = f"note: took over {what} in {self.path.parent}"
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        raise RunDirError(f"cannot take the lock {self.path}: another run keeps taking it; is one starting?")
+
+    def _create(self) -> bool:
+        """Create the lock file with our record in one step (a hard link of a written temp file)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.me))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.me))
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+        except FileNotFoundError:
+            return {}  # released meanwhile: not stale, try again
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict) -> bool:
+        if self.me["slurm_job"] and holder.get("slurm_job") == self.me["slurm_job"] \
+                and isinstance(holder.get("slurm_attempt"), int) and holder["slurm_attempt"] < self.me["slurm_attempt"]:
+            return True  # an earlier attempt of this requeued SLURM job: SLURM runs one attempt at a time
+        if holder.get("host") != self.me["host"]:
+            return False  # cannot look at another host's processes
+        pid = holder["pid"]
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, someone else's
+        started = process_start(pid)
+        if started is None:
+            return False
+        return started == "zombie" or (holder.get("started") not in (None, started))
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it (whichever `RunLock` object took it)."""
+        try:
+            holder = json.loads(self.path.read_text())
+            if isinstance(holder, dict) and all(holder.get(k) == self.me[k] for k in ("pid", "host", "started")):
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), ``"zombie"`` for a
+    process that has exited but not been reaped, or None where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return "zombie" if fields[0] in ("Z", "X") else fields[19]

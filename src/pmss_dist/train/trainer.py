@@ -15,24 +15,29 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from pmss_dist.adapters.io import adapter_meta, save_adapter
 from pmss_dist.adapters.layers import FULL, AdapterSpec, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
 from pmss_dist.adapters.selection import load_selection, save_selection
-from pmss_dist.build import build_model
-from pmss_dist.config import BUILTIN_TINY, TrainConfig, check_world_size, to_dict
+from pmss_dist.build import build_model, parameter_bytes
+from pmss_dist.config import BUILTIN_TINY, ConfigError, TrainConfig, check_world_size, run_identity, to_dict
 from pmss_dist.data import batches as batch_lib
 from pmss_dist.data import examples as data_lib
+from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss, token_loss_sum
 from pmss_dist.hf.export import export_full, export_merged
-from pmss_dist.hf.load import base_fingerprint, read_hf_config
+from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
+                               read_hf_config, weight_bytes, weight_file_names)
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.parallel.env import DistEnv, init_distributed, print_main, shutdown
 from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
-from pmss_dist.train.checkpoint import CheckpointManager, step_name
+from pmss_dist.parallel.mesh import data_parallel_mesh, local_world_size, resolve_dp_shape
+from pmss_dist.parallel.parallelize import rank_memory_bytes
+from pmss_dist.train.checkpoint import EXAMPLES_KEY, CheckpointManager, step_name
 from pmss_dist.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
-from pmss_dist.train.run_dir import RunDir
+from pmss_dist.train.run_dir import RunDir, RunDirError, RunLock
 
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
@@ -41,8 +46,13 @@ EXIT_REQUEUE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+# Divergence: a loss above `divergence_factor` times the mean of this many recent losses.
+DIVERGENCE_WINDOW = 10
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged; the message names the step and the newest good checkpoint. Reported
+    to the user in one line (its usual cause is the config: the learning rate, or the data)."""
 
 
 class StopRequest:
@@ -75,6 +85,92 @@ def resolve_base_dir(cfg: TrainConfig, run_dir: RunDir, env: DistEnv) -> Path:
             write_tiny_checkpoint(base, seed=0)
         dist.barrier()
     return base
+
+
+def claim_output_dir(cfg: TrainConfig, run_dir: RunDir, env: DistEnv) -> None:
+    """Before anything is written: refuse an output_dir that overlaps the base checkpoint, create
+    it and take its lock (rank 0), and agree on the outcome, so every rank stops with the same
+    one-line error."""
+    error = None
+    if env.is_main:
+        try:
+            run_dir.check_outside(cfg.model.path, cfg.adapter.selection_file)
+            run_dir.root.mkdir(parents=True, exist_ok=True)
+            note = RunLock(run_dir.lock).acquire()
+            if note:
+                print_main(note)
+        except (RunDirError, OSError) as err:
+            error = str(err) if isinstance(err, RunDirError) else f"cannot use output_dir={cfg.output_dir}: {err}"
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise RunDirError(verdict[0])
+
+
+def release_output_dir(cfg: TrainConfig, env: DistEnv) -> None:
+    if env.is_main:
+        RunLock(RunDir(cfg.output_dir).lock).release()
+
+
+def agreed_fingerprint(base_dir: Path, env: DistEnv) -> str:
+    """The base's content fingerprint (`hf.load.base_fingerprint`), the same on every rank: from
+    the cache when its files are unchanged, else each rank hashes every world_size-th weight file
+    and rank 0 combines (and caches) them."""
+    found = [cached_fingerprint(base_dir) if env.is_main else None]
+    dist.broadcast_object_list(found, src=0)
+    if found[0]:
+        return found[0]
+    start = time.perf_counter()
+    names = weight_file_names(base_dir)
+    mine = {name: file_sha256(base_dir / name) for name in names[env.rank::env.world_size]}
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, mine)
+    digests = {name: digest for part in gathered for name, digest in part.items()}
+    result = [base_fingerprint(base_dir, digests) if env.is_main else None]
+    dist.broadcast_object_list(result, src=0)
+    size = weight_bytes(base_dir)
+    if size >= CACHE_MIN_BYTES:
+        print_main(f"base fingerprint {result[0]}: hashed {size / 2**30:.2f} GiB in {time.perf_counter() - start:.1f}s"
+                   " (cached for the next runs)")
+    return result[0]
+
+
+def optimizer_settings(cfg: TrainConfig) -> dict:
+    """AdamW's settings from the config (the learning rate is the schedule's peak)."""
+    return {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay}
+
+
+def apply_optimizer_settings(run: Run) -> None:
+    """After a resume, the configured optimizer settings and lr schedule hold from the resumed step
+    on. Loading restored each parameter group's lr, betas, eps and weight decay and LambdaLR's
+    base lrs from the checkpoint, so an ``optim.lr`` given on resume was silently ignored; the
+    checkpoint manager logs what changed. With an unchanged config every value is bit-identical
+    to the restored one (the same ``base_lr * factor(step)`` the scheduler computes)."""
+    settings, factor = optimizer_settings(run.cfg), lr_lambda(run.cfg)
+    step = run.scheduler.last_epoch
+    for group in run.optimizer.param_groups:
+        group.update(betas=settings["betas"], eps=settings["eps"], weight_decay=settings["weight_decay"],
+                     initial_lr=settings["lr"], lr=settings["lr"] * factor(step))
+    run.scheduler.base_lrs = [settings["lr"]] * len(run.optimizer.param_groups)
+    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+
+
+def divergence(loss: float, grad_norm: float | None, recent: list[float], factor: float) -> str | None:
+    """Why a step's ``loss`` (and gradient norm) is not sane, or None: not finite, or above
+    ``factor`` times the mean of the last `DIVERGENCE_WINDOW` ``recent`` losses (``factor`` 0: no
+    such test)."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    window = recent[-DIVERGENCE_WINDOW:]
+    if factor and window:
+        mean = sum(window) / len(window)
+        if loss > factor * mean:
+            return (f"the loss {loss:.4g} is above checkpoint.divergence_factor={factor:g} x the mean of the "
+                    f"last {len(window)} losses ({mean:.4g})")
+    return None
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -122,6 +218,7 @@ def train(cfg: TrainConfig) -> dict:
         summary = fit(setup(cfg, env), stop)
     finally:
         stop.restore()
+        release_output_dir(cfg, env)
     # Only a run that ended normally meets its peers at the exit barrier; a failing rank exits
     # at once and torchrun stops the others, rather than all waiting on each other.
     shutdown()
@@ -139,7 +236,11 @@ def _select_or_load_skeletons(run: Run) -> None:
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
     selections = None
     if given is not None and given.is_file():
-        selections = load_selection(given, shapes=shapes, **key)
+        try:
+            selections = load_selection(given, shapes=shapes, header_fingerprint=header_fingerprint(run.base_dir),
+                                        **key)
+        except ValueError as err:  # made for another base or config, or not a selection file
+            raise ConfigError(f"adapter.selection_file: {err}") from None
         print_main(f"reusing skeleton selection from {given}")
     selections = assign_skeletons(run.model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
                                   selections=selections, progress=env.is_main)
@@ -155,25 +256,33 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     grad_accum = check_world_size(cfg, env.world_size)
     torch.manual_seed(cfg.seed)
     run_dir = RunDir(cfg.output_dir)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(cfg, run_dir, env)
     base_dir = resolve_base_dir(cfg, run_dir, env)
+    if not (base_dir / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.model.path} has no config.json: point it at a Hugging Face checkpoint "
+                          f"directory (config.json and *.safetensors) or use {BUILTIN_TINY}")
     hf_config = read_hf_config(base_dir)
-    fingerprint = base_fingerprint(base_dir)
+    fingerprint = agreed_fingerprint(base_dir, env)
     a = cfg.adapter
-    model = build_model(hf_config, adapter=AdapterSpec(a.kind, tuple(a.targets), a.rank, a.alpha), mesh=env.mesh,
-                        device=env.device, dtype=getattr(torch, cfg.model.dtype), parallel=cfg.parallel,
+    spec, dtype = AdapterSpec(a.kind, tuple(a.targets), a.rank, a.alpha), getattr(torch, cfg.model.dtype)
+    replicate, shard = resolve_dp_shape(cfg.parallel, env.world_size, local_world_size(),
+                                        parameter_bytes(hf_config, adapter=spec, dtype=dtype),
+                                        rank_memory_bytes(env.device))
+    print_main(f"data-parallel mesh: dp_replicate={replicate} x dp_shard={shard}")
+    mesh = data_parallel_mesh(env.device.type, replicate, shard, full_finetune=a.kind == FULL)
+    model = build_model(hf_config, adapter=spec, mesh=mesh, device=env.device, dtype=dtype, parallel=cfg.parallel,
                         weights=base_dir, max_seq_len=cfg.data.seq_len, seed=cfg.seed)
 
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(params, **optimizer_settings(cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     tokenizer = load_tokenizer(base_dir)
     dataset = data_lib.build_dataset(cfg.data, tokenizer, seed=cfg.seed)
     sampler = batch_lib.GlobalBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed)
     checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint, env.rank, model=model, optimizer=optimizer,
                                     scheduler=scheduler, sampler=sampler, config=to_dict(cfg), base_dir=base_dir,
-                                    base_fingerprint=fingerprint, selection_file=run_dir.selection)
+                                    base_fingerprint=fingerprint, selection_file=run_dir.selection,
+                                    identity={**run_identity(to_dict(cfg)), EXAMPLES_KEY: len(dataset)})
     run = Run(cfg, env, run_dir, model, params, replicated_parameters(model), optimizer, scheduler, sampler, dataset,
               tokenizer, checkpoints, base_dir, hf_config, fingerprint, grad_accum)
     if cfg.data.eval_every:
@@ -187,6 +296,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     record = checkpoints.resume()
     if record is not None:
         run.start_step, run.losses = record.step, record.losses
+        apply_optimizer_settings(run)
     elif cfg.adapter.kind == "pmss":
         _select_or_load_skeletons(run)
     return run
@@ -204,6 +314,9 @@ def train_step(run: Run) -> tuple[float, float, float]:
                            sum(b["tokens"].numel() for b in batches)], device=env.device, dtype=torch.float64)
     dist.all_reduce(counts)
     global_targets, global_tokens = counts.tolist()
+    if not global_targets:
+        raise DataError(f"the global batch of step {run.sampler.step} has no trained token: data.seq_len="
+                        f"{cfg.data.seq_len} cuts its samples before their responses; raise data.seq_len")
     loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
     for batch in batches:
         loss, _ = token_loss_sum(run.model, batch, env.device)
@@ -212,14 +325,34 @@ def train_step(run: Run) -> tuple[float, float, float]:
     all_reduce_grads(run.replicated)
     dist.all_reduce(loss_sum)
     step_loss = loss_sum.item() / global_targets
-    if not math.isfinite(step_loss):
-        raise NonFiniteLossError(f"loss is {step_loss} at step {run.sampler.step}: stopped before the optimizer "
-                                 "step, the last checkpoint is untouched; lower optim.lr or check the data")
-    grad_norm = clip_grad_norm(run.params, cfg.optim.grad_clip)
+    grad_norm = None
+    if math.isfinite(step_loss):
+        grad_norm = float(clip_grad_norm(run.params, cfg.optim.grad_clip))
+    # The loss is the previous update's verdict: checked before this step changes anything.
+    reason = divergence(step_loss, grad_norm, run.losses, cfg.checkpoint.divergence_factor)
+    if reason:
+        raise DivergenceError(f"training diverged at step {run.sampler.step}: {reason}")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    return step_loss, float(grad_norm), global_tokens
+    return step_loss, grad_norm, global_tokens
+
+
+def probe_loss(run: Run) -> float:
+    """The loss of the current weights on the next global batch, forward only: the sanity check
+    of the last update when no step follows it (the last step, a stop)."""
+    cfg, env = run.cfg, run.env
+    micro = batch_lib.rank_micro_batches(run.sampler.peek_batch(), env.rank, env.world_size,
+                                         cfg.data.micro_batch_size)
+    batches = [batch_lib.collate([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
+               for mb in micro]
+    loss = evaluate_loss(run.model, batches, env.device)
+    # No backward follows this forward: blocks kept gathered for one (reshard_after_forward=False,
+    # and always the root) would stay unsharded, holding the whole base on every rank.
+    for module in run.model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return loss
 
 
 def fit(run: Run, stop: StopRequest) -> dict:
@@ -233,35 +366,53 @@ def fit(run: Run, stop: StopRequest) -> dict:
     tokens_seen, stopped_by = 0, 0
     t_last, steps_since_log = time.perf_counter(), 0
     run.model.train()
-    for step in range(run.start_step + 1, cfg.max_steps + 1):
-        step_loss, grad_norm, global_tokens = train_step(run)
-        run.losses.append(step_loss)
-        tokens_seen += int(global_tokens)
-        steps_since_log += 1
-        if step % cfg.log.log_every == 0 or step == cfg.max_steps:
-            now = time.perf_counter()
-            tps = steps_since_log * global_tokens / (now - t_last)
-            t_last, steps_since_log = now, 0
-            scalars = {"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0],
-                       "train/grad_norm": grad_norm, "perf/tokens_per_s": tps,
-                       "perf/tokens_per_s_per_device": tps / env.world_size}
-            if peak:
-                scalars["perf/mfu"] = tps / env.world_size * model_flops_per_token / peak
-            mem = peak_memory_gib(env.device)
-            if mem is not None:
-                scalars["perf/peak_memory_gib"] = mem
-            logger.log(step, cfg.max_steps, scalars)
-        if cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.max_steps):
-            eval_loss = evaluate_loss(run.model, run.eval_batches, env.device)  # collective: every rank
-            run.eval_losses.append([step, eval_loss])
-            logger.log(step, cfg.max_steps, {"eval/loss": eval_loss})
-        stopped_by = stop.agreed(env.device)
-        if run.checkpoints.due(step, cfg.max_steps, stopping=bool(stopped_by)):
-            run.checkpoints.save(step, run.losses)
-        if stopped_by:
-            break
-    run.checkpoints.finish_pending()
-    logger.close()
+    try:
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            step_loss, grad_norm, global_tokens = train_step(run)
+            # This step's loss vouches for the weights the previous step saved: publish them.
+            run.checkpoints.confirm()
+            run.losses.append(step_loss)
+            tokens_seen += int(global_tokens)
+            steps_since_log += 1
+            if step % cfg.log.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tps = steps_since_log * global_tokens / (now - t_last)
+                t_last, steps_since_log = now, 0
+                scalars = {"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0],
+                           "train/grad_norm": grad_norm, "perf/tokens_per_s": tps,
+                           "perf/tokens_per_s_per_device": tps / env.world_size}
+                if peak:
+                    scalars["perf/mfu"] = tps / env.world_size * model_flops_per_token / peak
+                mem = peak_memory_gib(env.device)
+                if mem is not None:
+                    scalars["perf/peak_memory_gib"] = mem
+                logger.log(step, cfg.max_steps, scalars)
+            if cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.max_steps):
+                eval_loss = evaluate_loss(run.model, run.eval_batches, env.device)  # collective: every rank
+                run.eval_losses.append([step, eval_loss])
+                logger.log(step, cfg.max_steps, {"eval/loss": eval_loss})
+            stopped_by = stop.agreed(env.device)
+            if run.checkpoints.due(step, cfg.max_steps, stopping=bool(stopped_by)):
+                run.checkpoints.save(step, run.losses)
+            if stopped_by:
+                break
+        if run.checkpoints.pending:  # no step follows the last save: a forward on the next batch vouches
+            reason = divergence(probe_loss(run), None, run.losses, cfg.checkpoint.divergence_factor)
+            if reason:
+                raise DivergenceError(f"training diverged at step {len(run.losses)}: on the next batch {reason}")
+            run.checkpoints.confirm()
+        run.checkpoints.finish_pending()
+    except DivergenceError as err:
+        # every rank saw the same all-reduced loss and raises here together
+        unpublished = run.checkpoints.discard_pending()
+        good = run.checkpoints.newest_good()
+        raise DivergenceError(f"{err}; " + (f"the checkpoint {unpublished.name} was not published; " if unpublished
+                                             else "")
+                              + f"the newest good checkpoint is {good or 'none (a rerun starts afresh)'}: lower "
+                              "optim.lr or check the data, then run again (checkpoint.resume=auto continues from the "
+                              "newest good checkpoint)") from None
+    finally:
+        logger.close()
 
     losses = run.losses
     counts = count_parameters(run.model)
