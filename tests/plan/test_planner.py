@@ -1,0 +1,126 @@
+"""pmss-plan as a user meets it: bad input fails before any work with the numbers named; the plan
+of a one-process run reports the parameter bytes the config's model has; a 405B config on 1024
+ranks finishes on this machine. The measured comparison with real runs is in test_validation.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG
+from pmss_dist.cli.plan import main
+from pmss_dist.config import ConfigError, ParallelConfig
+from pmss_dist.models.builtin import TINY_CONFIG as TINY_MODEL
+from pmss_dist.parallel.mesh import resolve_dp_shape
+from pmss_dist.plan.comms import Collective
+from pmss_dist.plan.planner import valid_dp_shards
+from pmss_dist.plan.shapes import KNOWN_CONFIGS
+
+CONFIG_405B = REPO / "configs" / "llama3_1_405b.yaml"
+
+
+def llama_parameters(c: dict) -> int:
+    """Parameters of a Llama decoder, counted from its config.json by hand (untied output)."""
+    d, f, layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    return layers * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + 2 * v * d + d
+
+
+@pytest.mark.parametrize("world,gpus_per_node", [(16, 8), (12, 4), (8, 8), (6, 2)])
+def test_the_candidate_meshes_are_those_the_trainer_accepts(world, gpus_per_node):
+    def accepted(shard: int) -> bool:
+        try:
+            resolve_dp_shape(ParallelConfig(dp_shard=shard), world, gpus_per_node, 1, 2**40)
+            return True
+        except ConfigError:
+            return False
+
+    assert valid_dp_shards(world, gpus_per_node) == [s for s in range(1, world + 1) if accepted(s)]
+
+
+def test_wire_bytes_follow_the_ring_and_hierarchical_algorithms():
+    one_node = tuple(range(8))
+    assert Collective("all_gather", 800, one_node).wire_bytes(8) == (700, 0)  # the 7 other eighths
+    assert Collective("reduce_scatter", 800, one_node).wire_bytes(8) == (700, 0)
+    assert Collective("all_reduce", 800, one_node).wire_bytes(8) == (1400, 0)  # reduce-scatter + all-gather
+    assert Collective("all_reduce", 800, (0,)).wire_bytes(8) == (0, 0)
+    # one GPU on each of 4 nodes: a ring between nodes
+    assert Collective("all_reduce", 800, (0, 8, 16, 24)).wire_bytes(8) == (0, 1200)
+    # 4 nodes of 8: each node takes in the other 3 nodes' quarter over its 8 NICs
+    assert Collective("all_gather", 3200, tuple(range(32))).wire_bytes(8) == (2800, 3200 * 3 / 4 / 8)
+    assert not Collective("all_gather", 8, (0, 1, 2, 3)).crosses_nodes(4)
+    assert Collective("all_reduce", 8, (0, 4)).crosses_nodes(4)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--gpus-per-node", "3"], "data.batch_size=32 is not divisible by data.micro_batch_size (8) x world size (3)"),
+    (["--nodes", "0"], "--nodes must be positive, got 0"),
+    (["--gpu-memory-gib", "-80"], "--gpu-memory-gib must be positive, got -80.0"),
+    (["--mfu", "1.5"], "--mfu is a fraction of the peak, at most 1, got 1.5"),
+    (["--nodes", "129", "--gpus-per-node", "8", "data.batch_size=8256", "data.micro_batch_size=8"],
+     "--nodes 129 x --gpus-per-node 8 = 1032 ranks; the planner goes up to 1024"),
+    (["--gpus-per-node", "8", "data.batch_size=64", "parallel.dp_shard=3"],
+     "parallel.dp_shard=3 does not divide the world size 8"),
+    (["--gpus-per-node", "4", "parallel.dp_shard=4", "parallel.dp_replicate=2"],
+     "parallel.dp_replicate (2) x parallel.dp_shard (4) = 8, but the world size is 4"),
+    (["model.path=/nowhere/My-Model"], "model.path=/nowhere/My-Model: no config.json there and 'My-Model' is not a known"),
+    (["--hf-config", "/nowhere/config.json"], "--hf-config /nowhere/config.json: no such file"),
+    (["adapter.rank=0"], "adapter.rank must be positive, got 0"),
+])
+def test_bad_input_fails_before_any_work_with_the_numbers(capsys, args, needle):
+    assert main(["--config", str(TINY_CONFIG), "--quiet", *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_one_process_plan_reports_the_models_bytes(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["--config", str(TINY_CONFIG), "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gib", "1",
+                 "--quiet", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    k, layers = 32, TINY_MODEL["num_hidden_layers"]  # configs/tiny.yaml: PMSS k=32 on all 7 projections, fp32
+    rows = [r for r in plan["rows"] if r["source"] == "measured"]
+    assert [r["setting"]["activation_checkpointing"] for r in rows] == ["none", "selective", "full"]
+    for r in rows:
+        assert r["frozen_bytes"] == 4 * llama_parameters(TINY_MODEL)
+        assert r["trained_bytes"] == 4 * 7 * layers * k * k == r["grad_bytes"]
+        assert r["optimizer_bytes"] >= 2 * r["trained_bytes"]  # AdamW's two moments (and its step counters)
+        assert r["peak_bytes"] >= r["frozen_bytes"] + r["trained_bytes"] + r["optimizer_bytes"]
+    full, none = rows[2], rows[0]
+    assert full["activation_bytes"] < none["activation_bytes"]  # full AC keeps only each block's input
+    assert plan["recommended"]["setting"] == {"dp_shard": 1, "reshard_after_forward": None,
+                                              "activation_checkpointing": "none"}
+    assert "set parallel.dp_shard=1 parallel.activation_checkpointing=none" in text
+
+
+@pytest.mark.slow
+def test_405b_on_1024_ranks_finishes_here(tmp_path):
+    """A smoke test: its time budget is its timeout. One micro-batch of one sequence per rank."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "-m", "pmss_dist.cli.plan", "--config", str(CONFIG_405B), "--nodes", "128",
+                           "--gpus-per-node", "8", "data.batch_size=1024", "--quiet", "--json", str(out)],
+                          capture_output=True, text=True, timeout=3600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    assert plan["cluster"]["nodes"] * plan["cluster"]["gpus_per_node"] == 1024
+    shape = KNOWN_CONFIGS["Llama-3.1-405B"]
+    frozen = 2 * llama_parameters(shape)  # bf16
+    measured = [r for r in plan["rows"] if r["source"] == "measured"]
+    # 3 AC modes, blocks resharded after forward, on the config's own mesh; keeping every block
+    # gathered (810 GB) is ruled out without a step
+    assert sorted(r["setting"]["activation_checkpointing"] for r in measured) == ["full", "none", "selective"]
+    for r in plan["rows"]:
+        if r["setting"]["reshard_after_forward"] is False:
+            assert not r["fits"] and r["peak_bytes"] >= frozen
+    for r in measured:
+        shard = r["setting"]["dp_shard"]
+        assert frozen / shard <= r["frozen_bytes"] <= frozen / shard * 1.01  # its shard, up to FSDP's padding
+        assert r["trained_bytes"] == 4 * 7 * shape["num_hidden_layers"] * 594 ** 2  # the cores, fp32, replicated
+        # the cores' gradients cross nodes once per step: their all-reduce over all 1024 ranks
+        assert r["payload_bytes"]["all_reduce/inter"] >= r["trained_bytes"]
+    assert plan["recommendation"]
