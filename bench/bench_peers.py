@@ -8,13 +8,18 @@ length, global batch and process count:
   ours-lora-r8   our trainer, LoRA r=8 (same rank and same trainable parameters as tt-lora-r8)
   ours-pmss-kB   our trainer, PMSS with k at LoRA-r8's trainable-parameter budget (DEIM selection)
   ours-pmss-k8   our trainer, PMSS k=8 (same rank as tt-lora-r8)
+  ours-pmss-kB-repl  ours-pmss-kB with a replicated base (parallel.dp_shard=1: no all-gather; the
+                 cores' all-reduce is the only collective), against ours-pmss-kB's sharded base
+  ours-lora-r8-repl  ours-lora-r8 with a replicated base: the same adapter as peft-lora-r8 on DDP
   peft-lora-r8   HF transformers + peft LoRA r=8, plain torch loop (DDP for N=2), in its own venv
                  (only with --peft-python)
 
-Reported as ratios to tt-lora-r8 from the same invocation (tokens/s also to tt-lora-r8-keep when it
-ran): tokens/s (wall clock, median step), tokens per CPU-second (CPU time of a step summed over ranks: what other jobs on a shared machine do
+Reported as ratios to tt-lora-r8 from the same invocation (tokens/s also to tt-lora-r8-keep and to
+peft-lora-r8 when they ran): tokens/s (wall clock, median step), tokens per CPU-second (CPU time of a step summed over ranks: what other jobs on a shared machine do
 not inflate), time to first step (launch to the end of optimizer step 1: imports, model build,
-loading, skeleton selection and compilation included), and peak RSS per rank. All trainers: fp32,
+loading, skeleton selection and compilation included), peak RSS per rank, and the bytes rank 0's
+collectives carry per step (benchlib.CollectiveCounter: every torch.distributed collective call,
+and DDP's bucket all-reduces through its comm hook). All trainers: fp32,
 AdamW, grad clip 1.0, compile and activation checkpointing off unless --compile/--ac, one
 intra-op thread per process (OMP_NUM_THREADS=1), the same SentencePiece tokenizer and rows cut to
 seq_len (no padding: every step is batch x seq_len tokens). Repetitions are interleaved and
@@ -23,10 +28,16 @@ rotate their order.
     python bench/bench_peers.py --quick                                  # tiny, N=2 (~1-2 min)
     python bench/bench_peers.py --models tiny --nprocs 1,2 --peft-python /tmp/peftvenv/bin/python
     python bench/bench_peers.py --models 100m --nprocs 2 --peft-python /tmp/peftvenv/bin/python
+    python bench/bench_peers.py --models 100m --mesh-count      # 4 processes: 2x2 against 1x4, a count
 
 Targets (issue 9; CPU, N=2): tokens/s >= 1.2x tt-lora-r8 at the same trainable-parameter budget
 (ours-pmss-kB) and >= 1.0x at the same rank (ours-lora-r8, ours-pmss-k8); peak memory per rank
-<= tt-lora-r8's.
+<= tt-lora-r8's. Issue 18: the replicated base (ours-pmss-kB-repl) >= 1.0x peft-lora-r8 (DDP).
+
+``--mesh-count`` runs our trainer on 4 processes as a 2x2 mesh (parallel.dp_shard=2: the base
+sharded within each pair, replicated across the pairs) and as a flat 1x4 mesh (dp_shard=4), and
+counts the collective bytes per step that would cross nodes if each pair of ranks were a node:
+a count, so the 2-core machine's oversubscription does not matter.
 """
 
 from __future__ import annotations
@@ -116,12 +127,13 @@ def run_ours(model, paths, kind: str, rank: int, nproc, steps, compile_on, ac_on
 def token_rows(paths: dict, seq_len: int, work: Path) -> Path:
     """The data as token ids cut to seq_len, for the PEFT worker (its venv has no pmss_dist): the
     same SentencePiece model, BOS + prompt + response as our trainer tokenises an instruction row."""
-    from pmss_dist.data import examples as data_lib
     from pmss_dist.config import DataConfig
+    from pmss_dist.data import examples as data_lib
+    from pmss_dist.data.tokenizers import load_tokenizer
 
     out = work / f"tokens_{seq_len}.json"
     if not out.is_file():
-        tok = data_lib.load_tokenizer(paths["ckpt"])
+        tok = load_tokenizer(paths["ckpt"])
         cfg = DataConfig(source=str(paths["data"]), format="instruction", seq_len=seq_len, train_on_prompt=True)
         rows = [s["tokens"][:seq_len] for s in data_lib.build_dataset(cfg, tok, seed=0)]
         assert all(len(r) == seq_len for r in rows), "every row must be longer than seq_len"
@@ -163,12 +175,51 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep inputs, runs and logs here (default: a temporary "
                         "directory, removed at the end)")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--mesh-count", action="store_true",
+                        help="instead: 4 processes, a 2x2 mesh against a flat 1x4, collective bytes per step that "
+                             "would cross nodes of 2 ranks (our trainer only)")
     args = parser.parse_args()
     if args.quick:
         args.models, args.nprocs, args.steps = "tiny", "2", args.steps or 12
         args.runs = args.runs.replace(",peft-lora", "")
     with benchlib.workdir(args.workdir, "bench_peers_") as work:
-        run_all(args, work)
+        if args.mesh_count:
+            mesh_count(args, work)
+        else:
+            run_all(args, work)
+
+
+MESH_NPROC, MESH_NODE = 4, 2  # 4 processes, counted as 2 nodes of 2 ranks
+
+
+def mesh_count(args, work: Path) -> None:
+    """Per step, rank 0's collective bytes on 4 processes as 2x2 (HSDP) and as 1x4 (flat FSDP),
+    split by whether the collective's group spans more than one pair of ranks ("nodes")."""
+    rows = []
+    for model in args.models.split(","):
+        paths = benchlib.prepare_workspace(work / "inputs", model)
+        k_budget = benchlib.pmss_rank_for_budget(model, LORA_RANK)
+        steps = args.steps or 3
+        for kind, rank, label in (("pmss", k_budget, f"pmss-k{k_budget}"), ("lora", LORA_RANK, f"lora-r{LORA_RANK}"),
+                                  ("full", LORA_RANK, "full")):
+            for mesh, shard in (("2x2", 2), ("1x4", 4)):
+                out = work / "runs" / f"{model}-{label}-{mesh}"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                extra = (*args.ours_set, f"parallel.dp_shard={shard}", "parallel.reshard_after_forward=true",
+                         *(["optim.lr=1e-4"] if kind == "full" else []))
+                r = run_ours(model, paths, kind, rank, MESH_NPROC, steps, args.compile, args.ac, out, args.timeout,
+                             None, extra)
+                cross = {k: r.collective_bytes(k, MESH_NODE, True) for k in ("all_gather", "reduce_scatter", "all_reduce")}
+                within = r.collective_bytes(None, MESH_NODE, False)
+                rows.append([model, label, mesh, f"{within / 1e6:.2f}", f"{sum(cross.values()) / 1e6:.3f}",
+                             *(f"{cross[k] / 1e6:.3f}" for k in cross)])
+                print(f"  {out.name}: within {within / 1e6:.2f} MB, across {sum(cross.values()) / 1e6:.3f} MB per step",
+                      flush=True)
+    print_markdown(["model", "run", "mesh", "MB/step within nodes", "MB/step across nodes", "across: all-gather",
+                    "across: reduce-scatter", "across: all-reduce"], rows,
+                   title=f"### collective bytes per step, rank 0, {MESH_NPROC} processes counted as "
+                         f"{MESH_NPROC // MESH_NODE} nodes of {MESH_NODE} (median of steps 2-{args.steps or 3})")
 
 
 def run_all(args, work: Path) -> None:
@@ -190,6 +241,7 @@ def run_all(args, work: Path) -> None:
                     label = {"tt-lora": f"tt-lora-r{LORA_RANK}", "tt-lora-keep": f"tt-lora-r{LORA_RANK}-keep",
                              "ours-lora": f"ours-lora-r{LORA_RANK}",
                              "ours-pmss-budget": f"ours-pmss-k{k_budget}", "ours-pmss-rank": f"ours-pmss-k{LORA_RANK}",
+                             "ours-pmss-repl": f"ours-pmss-k{k_budget}-repl", "ours-lora-repl": f"ours-lora-r{LORA_RANK}-repl",
                              "peft-lora": f"peft-lora-r{LORA_RANK}"}[run]
                     if run.startswith("ours") and args.ours_set:
                         label += "+"
@@ -205,6 +257,12 @@ def run_all(args, work: Path) -> None:
                         r = run_ours(model, paths, "pmss", k_budget, *common, args.profile, tuple(args.ours_set))
                     elif run == "ours-pmss-rank":
                         r = run_ours(model, paths, "pmss", LORA_RANK, *common, args.profile, tuple(args.ours_set))
+                    elif run == "ours-pmss-repl":
+                        r = run_ours(model, paths, "pmss", k_budget, *common, args.profile,
+                                     (*args.ours_set, "parallel.dp_shard=1"))
+                    elif run == "ours-lora-repl":
+                        r = run_ours(model, paths, "lora", LORA_RANK, *common, args.profile,
+                                     (*args.ours_set, "parallel.dp_shard=1"))
                     else:
                         r = run_peft(args.peft_python, model, paths, nproc, steps, out, work, args.timeout)
                     results.setdefault(label, []).append(r)
@@ -215,6 +273,7 @@ def run_all(args, work: Path) -> None:
                           flush=True)
             ref = results.get(f"tt-lora-r{LORA_RANK}")
             ref_keep = results.get(f"tt-lora-r{LORA_RANK}-keep")
+            ref_peft = results.get(f"peft-lora-r{LORA_RANK}")
             rows = []
             for label, rs in results.items():
                 def ratio(f, base=ref):  # median over repetitions of (run / torchtune in the same repetition)
@@ -222,12 +281,16 @@ def run_all(args, work: Path) -> None:
                 rows.append([label, f"{rs[0].extra['trainable']:,}",
                              f"{statistics.median(r.tokens_per_s(skip) for r in rs):.0f}", ratio(lambda r: r.tokens_per_s(skip)),
                              ratio(lambda r: r.tokens_per_s(skip), ref_keep),
+                             ratio(lambda r: r.tokens_per_s(skip), ref_peft),
                              f"{statistics.median(r.tokens_per_cpu_s(skip) for r in rs):.0f}", ratio(lambda r: r.tokens_per_cpu_s(skip)),
                              f"{statistics.median(r.first_step_s for r in rs):.1f}", ratio(lambda r: r.first_step_s),
                              " / ".join(f"{m:.0f}" for m in rs[0].rss_mib), ratio(lambda r: max(r.rss_mib)),
-                             " / ".join(f"{m - a:.0f}" for m, a in zip(rs[0].rss_mib, rs[0].rss_after_import_mib))])
-            print_markdown(["run", "trainable", "tokens/s", "x tt", "x tt-keep", "tokens/CPU-s", "x tt", "first step s", "x tt",
-                            "peak RSS MiB per rank", "x tt", "peak - after-import RSS MiB"], rows,
+                             " / ".join(f"{m - a:.0f}" for m, a in zip(rs[0].rss_mib, rs[0].rss_after_import_mib)),
+                             f"{statistics.median(r.collective_bytes(skip=skip) for r in rs) / 1e6:.1f}"])
+            print_markdown(["run", "trainable", "tokens/s", "x tt", "x tt-keep", "x peft", "tokens/CPU-s", "x tt",
+                            "first step s", "x tt",
+                            "peak RSS MiB per rank", "x tt", "peak - after-import RSS MiB", "collective MB/step (rank 0)"],
+                           rows,
                            title=f"### {model} ({benchlib.parameter_count(model):,} params), N={nproc}, seq_len={seq_len}, "
                                  f"global batch={batch}, {steps} steps (steps {skip + 2}-{steps} measured), "
                                  f"{args.reps} rep(s)")

@@ -61,6 +61,20 @@ class RunResult:
     tokens_per_step: int
     step_cpu_s: list[float]  # CPU seconds of steps 2, 3, ..., summed over ranks
     extra: dict = field(default_factory=dict)
+    step_collectives: list[list] = field(default_factory=list)  # rank 0's collectives in steps 2, 3, ...
+
+    def collective_bytes(self, kind: str | None = None, gpus_per_node: int | None = None, crossing: bool | None = None,
+                         skip: int = 0) -> float:
+        """Median over the measured steps of rank 0's collective payload bytes per step, of ``kind``
+        (None: all), and with ``gpus_per_node`` those whose group does (``crossing``) or does not
+        span more than one node of that many ranks."""
+        def selected(call) -> bool:
+            k, _, ranks = call
+            spans = gpus_per_node is not None and len({r // gpus_per_node for r in ranks}) > 1
+            return (kind is None or k == kind) and (crossing is None or spans == crossing)
+
+        per_step = [sum(c[1] for c in calls if selected(c)) for calls in self.step_collectives]
+        return statistics.median(per_step[skip:] or per_step) if per_step else 0.0
 
     def tokens_per_s(self, skip: int) -> float:
         """Median wall-clock throughput, leaving out the first ``skip`` measured steps."""
@@ -183,7 +197,83 @@ class WorkerRecord:
     rank: int
     peak_mib: float
     after_import_mib: float
-    steps: list[tuple[float, float]]  # (wall time, process CPU time) at the end of each optimizer step
+    # (wall time, process CPU time, collectives so far) at the end of each optimizer step
+    steps: list[tuple[float, float, int]]
+    collectives: list = field(default_factory=list)  # [kind, payload bytes, group ranks] per call, in order
+
+    def step_collectives(self, step: int) -> list:
+        """The collectives this rank called from the end of optimizer step ``step`` - 1 to the end of ``step``
+        (1-based; step 1 starts at the worker's start)."""
+        first = self.steps[step - 2][2] if step > 1 else 0
+        return self.collectives[first:self.steps[step - 1][2]]
+
+
+# Public torch.distributed collectives -> (kind, the argument holding the payload). The payload is
+# the collective's whole tensor: an all-gather's output, a reduce-scatter's input.
+COLLECTIVES = {
+    "all_gather_single": ("all_gather", "output_tensor"),
+    "all_gather_into_tensor": ("all_gather", "output_tensor"),
+    "all_gather": ("all_gather", "tensor_list"),
+    "reduce_scatter_single": ("reduce_scatter", "input"),
+    "reduce_scatter_tensor": ("reduce_scatter", "input"),
+    "all_reduce": ("all_reduce", "tensor"),
+    "broadcast": ("broadcast", "tensor"),
+}
+
+
+class CollectiveCounter:
+    """Records every collective this process calls as ``[kind, payload bytes, group ranks]``.
+
+    The public torch.distributed functions above are wrapped in this worker process only: FSDP2
+    (ours and torchtune's) and the trainers' own all-reduces call them. DDP all-reduces its gradient
+    buckets from its C++ reducer instead, unless a comm hook takes over (`ddp_comm_hook`, DDP's
+    public API). Nested calls (a deprecated name calling its successor) count once."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+        self._depth = 0
+
+    def install(self) -> "CollectiveCounter":
+        import torch.distributed as dist
+
+        for name, (kind, argument) in COLLECTIVES.items():
+            setattr(dist, name, self._wrap(getattr(dist, name), kind, argument))
+        return self
+
+    def _wrap(self, fn, kind: str, argument: str):
+        import functools
+        import inspect
+
+        import torch.distributed as dist
+
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                bound = signature.bind(*args, **kwargs).arguments
+                payload = bound[argument]
+                tensors = payload if isinstance(payload, (list, tuple)) else [payload]
+                group = bound.get("group")
+                ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+                self.calls.append([kind, sum(t.numel() * t.element_size() for t in tensors), ranks])
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def ddp_comm_hook(self):
+        """DDP's own default all-reduce as an explicit comm hook: it then all-reduces each gradient
+        bucket through torch.distributed.all_reduce, where the wrapper counts it."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook
+
+
+COUNTER = CollectiveCounter()  # the worker's counter: `record_worker` installs it
 
 
 def read_records(record_dir: Path) -> list[WorkerRecord]:
@@ -196,8 +286,9 @@ def read_records(record_dir: Path) -> list[WorkerRecord]:
 
 def record_worker(record_dir: str) -> None:
     """Called first thing in a worker (after its framework is imported). Stamps the wall and CPU
-    time after every optimizer step (a global post-step hook: the same for every trainer, on every
-    rank), and at exit writes them with this rank's peak RSS (ru_maxrss, KiB on Linux)."""
+    time and the count of collectives (`COUNTER`) after every optimizer step (a global post-step
+    hook: the same for every trainer, on every rank), and at exit writes them with this rank's
+    collectives and peak RSS (ru_maxrss, KiB on Linux)."""
     import atexit
     import resource
 
@@ -205,15 +296,17 @@ def record_worker(record_dir: str) -> None:
 
     after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rank = int(os.environ.get("RANK", "0"))
-    steps: list[tuple[float, float]] = []
+    steps: list[tuple[float, float, int]] = []
+    COUNTER.install()
     register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: steps.append((time.time(), time.process_time())))
+        lambda opt, args, kwargs: steps.append((time.time(), time.process_time(), len(COUNTER.calls))))
 
     def write():
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(record_dir).mkdir(parents=True, exist_ok=True)
         (Path(record_dir) / f"rank{rank}.json").write_text(json.dumps(
-            {"rank": rank, "peak_mib": peak, "after_import_mib": after_import, "steps": steps}))
+            {"rank": rank, "peak_mib": peak, "after_import_mib": after_import, "steps": steps,
+             "collectives": COUNTER.calls}))
 
     atexit.register(write)
 
@@ -227,8 +320,9 @@ def result_from_records(name: str, records: list[WorkerRecord], launched: float,
     # CPU seconds of a step summed over ranks: the work done, which other jobs on the machine
     # do not inflate the way they inflate wall time.
     cpu = [sum(r.steps[i + 1][1] - r.steps[i][1] for r in records) for i in range(len(main.steps) - 1)]
+    collectives = [main.step_collectives(step) for step in range(2, len(main.steps) + 1)] if main.collectives else []
     return RunResult(name, wall, main.steps[0][0] - launched, [r.peak_mib for r in records],
-                     [r.after_import_mib for r in records], tokens_per_step, cpu, extra)
+                     [r.after_import_mib for r in records], tokens_per_step, cpu, extra, collectives)
 
 
 def fmt_ratio(x: float) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import transformers  # noqa: F401  (imported before record_worker: "after import" is comparable)
 from peft import LoraConfig, get_peft_model
 
-from benchlib import record_worker
+from benchlib import COUNTER, record_worker
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,6 +50,8 @@ def main() -> None:
                                              target_modules=TARGETS, bias="none"))
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1:  # DDP's default all-reduce of each bucket, through torch.distributed (counted there)
+        ddp.register_comm_hook(None, COUNTER.ddp_comm_hook())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
