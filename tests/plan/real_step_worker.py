@@ -6,29 +6,27 @@ Per rank it writes ``measured_rank<N>.json`` into the run's output directory:
 
 - parameter bytes this rank holds (frozen shards, trained tensors) and the optimizer's state bytes,
   read off the live model and optimizer after the step;
-- activation bytes: torch's memory tracker (`FSDPMemTracker` on a sharded model, `MemTracker` on
-  a whole one) around the step, its "Activation" bytes at the end of the first micro-batch's
-  forward (a forward hook on the model), less the model's output (the logits, which the planner
-  reports apart);
+- activation bytes: torch's memory tracker (`FSDPMemTracker`: the base must be sharded, torch's
+  `MemTracker` for a whole model refuses frozen parameters) around the step, its "Activation"
+  bytes at the end of the first micro-batch's forward (a forward hook on the model), less the
+  model's output (the logits, which the planner reports apart);
 - the step's collectives: every call of the torch.distributed collectives FSDP2 and the trainer
   use (all_gather_single, reduce_scatter_single, all_reduce, ...), counted by wrapping those
-  public functions in this process only, with the bytes of their tensors and the ranks of their
-  group, from the start to the end of the measured `train_step` call.
+  public functions in this process only (`bench/benchlib.CollectiveCounter`), with the bytes of
+  their tensors and the ranks of their group, from the start to the end of the measured
+  `train_step` call.
 
     torchrun --nproc_per_node 4 tests/plan/real_step_worker.py --config configs/tiny.yaml key=value ...
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -36,47 +34,10 @@ from pmss_dist.config import load_config
 from pmss_dist.parallel.env import init_distributed, shutdown
 from pmss_dist.train.trainer import setup, train_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from benchlib import CollectiveCounter  # noqa: E402  (the benchmarks' counter, one copy)
+
 MEASURED_STEP = 3  # steps 1-2 create the optimizer state and warm up; step 3 is measured
-
-# public torch.distributed collective -> (kind, the argument holding the payload, its keyword)
-COLLECTIVES = {
-    "all_gather_single": ("all_gather", 0, "output_tensor"),
-    "all_gather_into_tensor": ("all_gather", 0, "output_tensor"),
-    "all_gather": ("all_gather", 0, "tensor_list"),
-    "reduce_scatter_single": ("reduce_scatter", 1, "input"),
-    "reduce_scatter_tensor": ("reduce_scatter", 1, "input"),
-    "all_reduce": ("all_reduce", 0, "tensor"),
-    "broadcast": ("broadcast", 0, "tensor"),
-}
-
-
-class CollectiveCounter:
-    """Wraps the collectives above; records ``[kind, payload bytes, group ranks]`` per call while
-    ``recording``. Nested calls (a deprecated name calling its successor) count once."""
-
-    def __init__(self):
-        self.calls: list[list] = []
-        self.recording = False
-        self._depth = 0
-        for name, (kind, index, keyword) in COLLECTIVES.items():
-            setattr(dist, name, self._wrap(getattr(dist, name), kind, index, keyword))
-
-    def _wrap(self, fn, kind, index, keyword):
-        @functools.wraps(fn)
-        def counted(*args, **kwargs):
-            if self.recording and self._depth == 0:
-                payload = args[index] if len(args) > index else kwargs[keyword]
-                tensors = payload if isinstance(payload, (list, tuple)) else [payload]
-                group = kwargs.get("group")
-                ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-                self.calls.append([kind, sum(t.numel() * t.element_size() for t in tensors), ranks])
-            self._depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-
-        return counted
 
 
 def named(snapshot: dict) -> dict[str, int]:
@@ -96,15 +57,14 @@ def local_bytes(tensors) -> int:
 def main() -> None:
     args = sys.argv[1:]
     cfg = load_config(args[args.index("--config") + 1], [a for a in args if "=" in a])
-    counter = CollectiveCounter()
+    counter = CollectiveCounter().install()
     env = init_distributed()
     run = setup(cfg, env)
     for _ in range(MEASURED_STEP - 1):
         train_step(run)
-    sharded = isinstance(run.model, FSDPModule)
-    tracker = FSDPMemTracker(run.model, run.optimizer) if sharded else MemTracker()
-    if not sharded:
-        tracker.track_external(run.model, run.optimizer)
+    if not isinstance(run.model, FSDPModule):
+        raise SystemExit("real_step_worker measures sharded bases (parallel.dp_shard > 1) only")
+    tracker = FSDPMemTracker(run.model, run.optimizer)
     forward_end: dict = {}
 
     def hook(module, inputs, output):
@@ -113,15 +73,15 @@ def main() -> None:
             forward_end.update(activation=snapshot.get("Activation", 0), output=output.numel() * output.element_size())
 
     def next_micro_batch(module, inputs):
-        if forward_end and sharded:  # FSDPMemTracker takes one forward per iteration: keep its peak, drop the rest
+        if forward_end:  # FSDPMemTracker takes one forward per iteration: keep its peak, drop the rest
             tracker.reset_mod_stats()
 
     handle = run.model.register_forward_hook(hook)
-    counter.recording = True
+    first = len(counter.calls)
     with tracker:
         pre_handle = run.model.register_forward_pre_hook(next_micro_batch, prepend=True)  # before the tracker's
         train_step(run)
-    counter.recording = False
+    calls = counter.calls[first:]
     handle.remove()
     pre_handle.remove()
     peak = named(tracker.get_tracker_snapshot("peak")[env.device])
@@ -135,7 +95,7 @@ def main() -> None:
         "activation_bytes": forward_end["activation"] - forward_end["output"],
         "tracker_peak_bytes": peak["Total"],
         "tracker_peak_breakdown": {k: v for k, v in peak.items() if v},
-        "collectives": counter.calls,
+        "collectives": calls,
     }
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / f"measured_rank{env.rank}.json").write_text(json.dumps(record))

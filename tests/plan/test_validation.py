@@ -93,6 +93,11 @@ def test_planner_predicts_what_the_real_run_allocates_and_moves(model_paths, tmp
     close(row.frozen + row.trained, measured["frozen_bytes"] + measured["trained_bytes"], "parameter bytes")
     close(row.optimizer, measured["optimizer_bytes"], "AdamW state bytes")
     close(row.activations, measured["activation_bytes"], f"activation bytes (AC {ac})")
+    # Not asserted (the issue asks for parameters, optimizer, activations and collectives), shown:
+    # the peak, against the real tracker's (which does not follow the replicated cores)
+    real_peak = measured["tracker_peak_bytes"] + measured["trained_bytes"]
+    print(f"  peak (not asserted): predicted {row.peak:,}, measured {real_peak:,} "
+          f"({(row.peak - real_peak) / real_peak:+.2%})")
     for kind in ("all_gather", "all_reduce"):
         real = collective_bytes(measured["collectives"], kind, gpus_per_node)
         for link in ("intra", "inter"):
