@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from pmss_dist.adapters.layers import plain_name
+from pmss_dist.adapters.quantize import stored_tensors, tensor_bytes
 from pmss_dist.config import load_config
 from pmss_dist.parallel.env import init_distributed, shutdown
 from pmss_dist.train.trainer import StopRequest, fit, release_output_dir, setup
@@ -20,6 +21,11 @@ from pmss_dist.train.trainer import StopRequest, fit, release_output_dir, setup
 
 def local(p: torch.Tensor) -> torch.Tensor:
     return (p.to_local() if isinstance(p, DTensor) else p).detach()
+
+
+def stored(p: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a rank stores a frozen parameter in (a quantized one's codes and scales)."""
+    return stored_tensors(local(p))
 
 
 def _hang_save_at(step: int) -> None:
@@ -45,15 +51,15 @@ def main() -> None:
     cfg = load_config(config, overrides)
     env = init_distributed()
     run = setup(cfg, env)
-    frozen_before = {n: local(p).clone() for n, p in run.model.named_parameters() if not p.requires_grad}
+    frozen_before = {n: [t.clone() for t in stored(p)] for n, p in run.model.named_parameters() if not p.requires_grad}
     fit(run, StopRequest())
     tensors, frozen_bytes, frozen_changed = {}, 0, 0
     for name, p in run.model.named_parameters():
         if p.requires_grad:
             tensors[plain_name(name)] = local(p).contiguous()
         else:
-            frozen_bytes += local(p).numel() * local(p).element_size()
-            frozen_changed += int(not torch.equal(local(p), frozen_before[name]))
+            frozen_bytes += tensor_bytes(local(p))
+            frozen_changed += int(not all(map(torch.equal, stored(p), frozen_before[name])))
     save_file(tensors, f"{cfg.output_dir}/rank{env.rank}.safetensors",
               metadata={"frozen_bytes": str(frozen_bytes), "frozen_changed": str(frozen_changed)})
     release_output_dir(cfg, env)

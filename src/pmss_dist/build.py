@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torchtune.training import set_default_dtype
 
 from pmss_dist.adapters.layers import FULL, AdapterSpec, apply_adapters, reset_adapters
+from pmss_dist.adapters.quantize import tensor_bytes
 from pmss_dist.config import ParallelConfig
 from pmss_dist.hf.load import base_parameters, check_hf_weights, load_hf_weights
 from pmss_dist.models import build_decoder, init_rope_caches
@@ -51,12 +52,13 @@ def sharded_meta_model(hf_config: dict, *, adapter: AdapterSpec | None, mesh: De
     """The first half of `build_model`: the model on the meta device with adapters, activation
     checkpointing, compile and FSDP2 applied, and no memory used (``device`` only sizes
     ``reshard_after_forward: auto``). The planner (`pmss_dist.plan`) materialises it under fake tensors."""
-    model = _meta_model(hf_config, adapter, dtype, max_seq_len)
+    shards = 1 if mesh is None else mesh.size(mesh.ndim - 1)  # the dp_shard dimension is the last
+    model = _meta_model(hf_config, adapter, dtype, max_seq_len, shards=shards, device=device)
     if weights is not None:  # names and shapes, from the file headers: before any memory is used
         check_hf_weights({name: p.shape for name, p in base_parameters(model).items()}, weights, hf_config)
     reshard = True
     if mesh is not None:
-        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        model_bytes = sum(tensor_bytes(p) for p in model.parameters())
         memory = rank_memory_bytes(device)
         reshard = resolve_reshard_after_forward(parallel.reshard_after_forward, model_bytes, memory)
         if parallel.reshard_after_forward == "auto":
@@ -84,10 +86,11 @@ def materialize(model: nn.Module, hf_config: dict, *, device: torch.device, weig
 
 def parameter_bytes(hf_config: dict, *, adapter: AdapterSpec | None, dtype: torch.dtype) -> int:
     """Bytes of the model `build_model` makes (all of it, unsharded), from a build on the meta device."""
-    return sum(p.numel() * p.element_size() for p in _meta_model(hf_config, adapter, dtype, None).parameters())
+    return sum(tensor_bytes(p) for p in _meta_model(hf_config, adapter, dtype, None).parameters())
 
 
-def _meta_model(hf_config: dict, adapter: AdapterSpec | None, dtype: torch.dtype, max_seq_len: int | None):
+def _meta_model(hf_config: dict, adapter: AdapterSpec | None, dtype: torch.dtype, max_seq_len: int | None, *,
+                shards: int = 1, device: torch.device | None = None):
     # Full fine-tuning keeps fp32 master weights (FSDP's mixed precision computes in ``dtype``).
     storage_dtype = torch.float32 if adapter is not None and adapter.kind == FULL else dtype
     with torch.device("meta"), set_default_dtype(storage_dtype):
@@ -95,5 +98,5 @@ def _meta_model(hf_config: dict, adapter: AdapterSpec | None, dtype: torch.dtype
     if adapter is None:
         model.requires_grad_(False)
     else:
-        apply_adapters(model, adapter)
+        apply_adapters(model, adapter, shards=shards, constants_device=device)
     return model

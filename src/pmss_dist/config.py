@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from pmss_dist.adapters.layers import ADAPTER_KINDS, TARGET_ALIASES
+from pmss_dist.adapters.layers import ADAPTER_KINDS, FULL, TARGET_ALIASES, AdapterSpec
+from pmss_dist.adapters.quantize import QUANTIZE_FORMATS
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "instruction", "chat", "qa")
@@ -39,6 +40,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = BUILTIN_TINY  # an HF checkpoint directory, or builtin:tiny
     dtype: str = "bfloat16"  # frozen weights and compute; adapter weights are always fp32
+    quantize: str = "none"  # none | nf4 | int8: how the adapted projections' frozen weights are stored
 
 
 @dataclass
@@ -255,6 +257,10 @@ def _check_float(key: str, value: float, low: float, high: float = math.inf, *, 
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no model and no process group (those follow at start-up)."""
     _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("model.quantize", cfg.model.quantize, QUANTIZE_FORMATS)
+    if cfg.model.quantize != "none" and cfg.adapter.kind == FULL:
+        raise ConfigError(f"model.quantize={cfg.model.quantize} needs a frozen base, but adapter.kind=full trains "
+                          "every weight: use adapter.kind pmss or lora, or model.quantize=none")
     _choice("adapter.kind", cfg.adapter.kind, ADAPTER_KINDS)
     _choice("adapter.method", cfg.adapter.method, SELECTION_METHODS)
     _choice("adapter.svd", cfg.adapter.svd, SVD_MODES)
@@ -337,10 +343,18 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
 # A resume that changes one of them would continue another run's state, so it is refused
 # (train.checkpoint); every other key (max_steps, optim.*, eval, logging, checkpointing,
 # parallelism, the world size) may change on resume and takes effect from the resumed step.
-RUN_IDENTITY_KEYS = ("seed", "model.dtype", "adapter.kind", "adapter.rank", "adapter.alpha", "adapter.targets",
+RUN_IDENTITY_KEYS = ("seed", "model.dtype", "model.quantize", "adapter.kind", "adapter.rank", "adapter.alpha", "adapter.targets",
                      "adapter.method", "data.source", "data.num_samples", "data.seq_len", "data.batch_size",
                      "data.train_on_prompt", "data.format", "data.columns", "data.prompt_template",
                      "data.use_chat_template", "data.packed")
+# What an identity key was before it existed (a record that lacks it was written with this value).
+IDENTITY_DEFAULTS = {"model.quantize": "none"}
+
+
+def adapter_spec(cfg: TrainConfig) -> AdapterSpec:
+    """The adapters a config asks for, with the frozen base's storage format (``model.quantize``)."""
+    a = cfg.adapter
+    return AdapterSpec(a.kind, tuple(a.targets), a.rank, a.alpha, cfg.model.quantize)
 
 
 def run_identity(config: dict) -> dict[str, object]:

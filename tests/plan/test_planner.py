@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_CONFIG
+from pmss_dist.adapters.quantize import nf4_scaler_block
 from pmss_dist.cli.plan import main
 from pmss_dist.config import ConfigError, ParallelConfig
 from pmss_dist.models.builtin import TINY_CONFIG as TINY_MODEL
@@ -95,6 +96,29 @@ def test_one_process_plan_reports_the_models_bytes(tmp_path, capsys):
     assert plan["recommended"]["setting"] == {"dp_shard": 1, "reshard_after_forward": None,
                                               "activation_checkpointing": "none"}
     assert "set parallel.dp_shard=1 parallel.activation_checkpointing=none" in text
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_plan_counts_a_quantized_base_as_stored(tmp_path, capsys, fmt):
+    out = tmp_path / "plan.json"
+    assert main(["--config", str(TINY_CONFIG), "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gib", "1",
+                 "--quiet", "--json", str(out), f"model.quantize={fmt}"]) == 0
+    plan = json.loads(out.read_text())
+    # By hand: the seven projections of each block stored quantized, everything else fp32.
+    c = TINY_MODEL
+    d, f, kv = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"] * 2
+    projections = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]  # (d_out, d_in)
+    stored = 0
+    for d_out, d_in in projections:
+        n = d_out * d_in
+        if fmt == "nf4":  # 4-bit codes, an int8 scale per 64, an fp32 factor per scaler block, 2 constants
+            stored += n // 2 + n // 64 + 4 * (n // 64 // nf4_scaler_block((d_out, d_in))) + 4 + 4 * 16
+        else:  # int8 codes and an fp32 scale per row
+            stored += n + 4 * d_out
+    dense = sum(a * b for a, b in projections)
+    expected = 4 * (llama_parameters(c) - c["num_hidden_layers"] * dense) + c["num_hidden_layers"] * stored
+    for r in plan["rows"]:
+        assert r["frozen_bytes"] == expected
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -23,14 +23,19 @@ PROGRESS_EVERY_S = 10.0
 
 
 def select_skeletons(weights: Mapping[str, torch.Tensor], ks: Mapping[str, int], method: str = "deim", *,
-                     seed: int = 0, svd: str = "auto", process_group=None,
-                     progress: bool = True) -> dict[str, Selection]:
+                     seed: int = 0, svd: str = "auto", process_group=None, progress: bool = True,
+                     original: Callable[[str], torch.Tensor] | None = None) -> dict[str, Selection]:
     """Return {name: (rows, cols)}, ``ks[name]`` of each, for every weight, identical on every rank
     and for every world size. Weights are DTensors placed Shard(0), Shard(1) or Replicate on a 1-D
     mesh, or on the shard dimension of an HSDP mesh (each replica group then selects the same
     indices on its own), or plain tensors (a replicated base: the layers are dealt over the
     process group, no weight moves). Collective when a process group is up: every rank must call
-    this with the same names. Progress goes to stderr on rank 0 when ``progress``."""
+    this with the same names. Progress goes to stderr on rank 0 when ``progress``.
+
+    ``original``: for weights stored quantized, name -> the unquantized weight in the same layout,
+    called once per layer when its round comes (so one round's worth is in memory at a time);
+    ``weights`` then only give shapes and placements."""
+    original = original or weights.__getitem__
     names = sorted(weights)
     missing = [n for n in names if n not in ks]
     if missing:
@@ -40,16 +45,16 @@ def select_skeletons(weights: Mapping[str, torch.Tensor], ks: Mapping[str, int],
         check_selection_args(tuple(weights[n].shape), ks[n], method, svd, n)
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
-        return _select_local(weights, ks, names, method, seed, svd, progress)
-    return _select_distributed(weights, ks, names, method, seed, svd, process_group, progress)
+        return _select_local(original, ks, names, method, seed, svd, progress)
+    return _select_distributed(weights, original, ks, names, method, seed, svd, process_group, progress)
 
 
-def _select_local(weights, ks, names, method, seed, svd, progress) -> dict[str, Selection]:
+def _select_local(original, ks, names, method, seed, svd, progress) -> dict[str, Selection]:
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     meter = _Progress(len(names), enabled=progress and main)
     out = {}
     for i, n in enumerate(names):
-        w = weights[n]
+        w = original(n)
         if _is_dtensor(w):  # a world of one: the shard is the whole tensor
             w = w.full_tensor()
         out[n] = select_skeleton(w, ks[n], method, seed=seed, svd=svd, name=n)
@@ -57,7 +62,8 @@ def _select_local(weights, ks, names, method, seed, svd, progress) -> dict[str, 
     return out
 
 
-def _select_distributed(weights, ks, names, method, seed, svd, process_group, progress) -> dict[str, Selection]:
+def _select_distributed(weights, original, ks, names, method, seed, svd, process_group,
+                        progress) -> dict[str, Selection]:
     group = _group_of(weights, process_group)
     world, me = dist.get_world_size(group), dist.get_rank(group)
     layouts = {n: _layout(n, weights[n]) for n in names}
@@ -78,7 +84,7 @@ def _select_distributed(weights, ks, names, method, seed, svd, process_group, pr
     schedule = sorted(names, key=lambda n: (-_svd_cost(weights[n].shape), n))
     for start in range(0, len(schedule), world):
         batch = schedule[start:start + world]
-        full = _receive_round(batch, weights, layouts, shard_lengths, me, group)
+        full = _receive_round(batch, original, layouts, shard_lengths, me, group)
         if full is not None:
             n = batch[me]
             try:
@@ -158,12 +164,12 @@ def _layout(name, w) -> tuple[str, int]:
                      f"placements, got {placement}")
 
 
-def _receive_round(batch, weights, layouts, shard_lengths, me, group):
+def _receive_round(batch, original, layouts, shard_lengths, me, group):
     """Collective: layer batch[j] goes to rank j. Returns this rank's full matrix (None if it owns
     none this round); a function of its own so no stray reference keeps a matrix alive."""
     full = None
     for owner, n in enumerate(batch):
-        received = gather_to_owner(weights[n], layouts[n][0], shard_lengths[n], owner, me, group)
+        received = gather_to_owner(original(n), layouts[n][0], shard_lengths[n], owner, me, group)
         if owner == me:
             full = received
     return full

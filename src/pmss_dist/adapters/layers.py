@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from pmss_dist.adapters.quantize import (QUANTIZE_FORMATS, check_quantizable, dequantize, empty_nf4, frozen_linear,
+                                         int8_rows, nf4_rows, nf4_scale_mean, nf4_scaler_block)
 
 # HF projection names (what users write in configs) -> torchtune module names.
 TARGET_ALIASES = {
@@ -77,17 +81,64 @@ class AdapterLinear(nn.Module):
     tensor_names: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int, size: int, alpha: float,
-                 bias: bool, device, dtype):
+                 bias: bool, device, dtype, quantize: str = "none", constants_device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scale = update_scale(alpha, size)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
-                                   requires_grad=False)
+        self.quantize = quantize
+        dtype = dtype or torch.get_default_dtype()
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        self.dtype = dtype  # of compute, and of the weight this layer stands for when it is quantized
+        shape = (out_features, in_features)
+        if quantize == "nf4":
+            weight = empty_nf4(shape, dtype, device, constants_device or device)
+        elif quantize == "int8":
+            weight = torch.empty(shape, device=device, dtype=torch.int8)
+            self.weight_scale = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        elif quantize == "none":
+            weight = torch.empty(shape, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"model.quantize: unknown format {quantize!r}; choose from {list(QUANTIZE_FORMATS)}")
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
                      if bias else None)
 
+    def stored_weight(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the frozen weight is stored in (quantized: its codes, and int8's scales)."""
+        return (self.weight, self.weight_scale) if self.quantize == "int8" else (self.weight,)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (gathered) frozen weight in ``dtype``, dequantized if it is stored quantized."""
+        return dequantize(self.quantize, self.stored_weight(), dtype)
+
+    def base_linear(self, x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``x·Wᵀ`` with ``dense`` = `dense_weight`; a quantized weight is what backward keeps."""
+        return frozen_linear(x, dense, self.quantize, self.stored_weight())
+
+    @torch.no_grad()
+    def load_weight(self, rows: torch.Tensor, group=None) -> None:
+        """Set this rank's rows of the frozen weight (all of it when unsharded) from the original
+        ``rows``, converted to the layer's dtype and stored as `quantize` says. ``group``: the
+        ranks holding the other rows of a sharded weight (NF4 quantizes against the whole
+        tensor's scale mean)."""
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in self.stored_weight()]
+        rows = rows.to(device=local[0].device, dtype=self.dtype)
+        if self.quantize == "nf4":
+            # Tensor by tensor: an FSDP2 shard keeps the whole tensor's block count, which
+            # NF4Tensor.copy_ would take for a different format.
+            quantized = nf4_rows(rows, nf4_scale_mean(rows, group),
+                                 nf4_scaler_block((self.out_features, self.in_features)))
+            for name in quantized.__tensor_flatten__()[0]:
+                getattr(local[0], name).copy_(getattr(quantized, name))
+        elif self.quantize == "int8":
+            codes, scale = int8_rows(rows)
+            local[0].copy_(codes)
+            local[1].copy_(scale)
+        else:
+            local[0].copy_(rows)
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, right)`` with update ``scale · left @ right``, in `merge_dtype`."""
+        """``(left, right)`` with update ``scale · left @ right``, in `merge_dtype` of the weight."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -109,8 +160,8 @@ class PMSSLinear(AdapterLinear):
     tensor_names = ("core", "row_idx", "col_idx")
 
     def __init__(self, in_features: int, out_features: int, k: int, alpha: float,
-                 bias: bool = False, device=None, dtype=None):
-        super().__init__(in_features, out_features, k, alpha, bias, device, dtype)
+                 bias: bool = False, device=None, dtype=None, **storage):
+        super().__init__(in_features, out_features, k, alpha, bias, device, dtype, **storage)
         self.k = k
         # Skeleton indices are set by `assign_skeletons` once the base weights are loaded.
         self.register_buffer("row_idx", torch.empty(k, dtype=torch.long, device=device))
@@ -125,20 +176,23 @@ class PMSSLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         core = self.core.to(x.dtype)
+        weight = self.dense_weight(x.dtype)  # a quantized base: C and R are slices of W as dequantized
         if self.out_features > self.in_features:
             # Wide output (gate/up): fold the update into the input, x' = x + s·(x·Rᵀ·Uᵀ) at
             # columns J, so the base GEMM applies C for free; the extra GEMM is k·d_in, not k·d_out.
-            row_proj = F.linear(x, self.weight.index_select(0, self.row_idx))  # x·Rᵀ
+            row_proj = F.linear(x, weight.index_select(0, self.row_idx))  # x·Rᵀ
             x = x.index_add(-1, self.col_idx, F.linear(row_proj, core), alpha=self.scale)
-            return F.linear(x, self.weight, self.bias)
-        base = F.linear(x, self.weight)
+            out = self.base_linear(x, weight)
+            return out if self.bias is None else out + self.bias
+        base = self.base_linear(x, weight)
         row_proj = base.index_select(-1, self.row_idx)  # x·Rᵀ, read off the base output
-        col_skeleton = self.weight.index_select(1, self.col_idx)  # C = W[:, J]
+        col_skeleton = weight.index_select(1, self.col_idx)  # C = W[:, J]
         out = base + self.scale * F.linear(F.linear(row_proj, core), col_skeleton)
         return out if self.bias is None else out + self.bias
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return pmss_factors(self.weight, self.core, self.row_idx, self.col_idx)
+        weight = self.dense_weight(merge_dtype(self.weight))
+        return pmss_factors(weight, self.core, self.row_idx, self.col_idx)
 
     def flops_per_token(self) -> int:
         """Multiply-adds per token of the update: the core, and one skeleton GEMM on the narrower side."""
@@ -154,8 +208,8 @@ class LoRALinear(AdapterLinear):
     tensor_names = ("lora_a", "lora_b")
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
-                 bias: bool = False, device=None, dtype=None):
-        super().__init__(in_features, out_features, r, alpha, bias, device, dtype)
+                 bias: bool = False, device=None, dtype=None, **storage):
+        super().__init__(in_features, out_features, r, alpha, bias, device, dtype, **storage)
         self.r = r
         self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
         self.lora_b = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
@@ -171,7 +225,9 @@ class LoRALinear(AdapterLinear):
             self.lora_b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.base_linear(x, self.dense_weight(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias
         return out + self.scale * F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +251,7 @@ class AdapterSpec:
     targets: tuple[str, ...] = tuple(TARGET_ALIASES)
     size: int = 16  # k for PMSS, r for LoRA; the config key adapter.rank
     alpha: float = 16.0
+    quantize: str = "none"  # how the adapted layers' frozen weights are stored: QUANTIZE_FORMATS
 
 
 def _torchtune_names(targets) -> set[str]:
@@ -205,15 +262,24 @@ def _torchtune_names(targets) -> set[str]:
     return {TARGET_ALIASES[t] for t in targets}
 
 
-def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, int]:
+def apply_adapters(model: nn.Module, spec: AdapterSpec, *, shards: int = 1,
+                   constants_device: torch.device | None = None) -> dict[str, int]:
     """Swap the targeted ``nn.Linear`` layers of a torchtune decoder for adapter layers, freeze
     everything else, and return ``{"trainable": .., "total": ..}`` parameter counts. Kind ``full``
     swaps nothing and makes every parameter trainable (targets, size and alpha do not apply).
 
-    Works on the meta device (the distributed path) and on real weights (copied over). PMSS
-    layers still need `assign_skeletons` before training.
+    Works on the meta device (the distributed path) and on real weights (copied over, quantized
+    if ``spec.quantize`` says so). ``shards``: the row blocks FSDP2 will split each weight into
+    (a quantized format may not allow every split); ``constants_device``: where a quantized weight
+    made on the meta device keeps its few constants (`quantize.empty_nf4`). PMSS layers still need
+    `assign_skeletons` before training.
     """
+    if spec.quantize not in QUANTIZE_FORMATS:
+        raise ValueError(f"model.quantize: unknown format {spec.quantize!r}; choose from {list(QUANTIZE_FORMATS)}")
     if spec.kind == FULL:
+        if spec.quantize != "none":
+            raise ValueError(f"model.quantize={spec.quantize} needs a frozen base: adapter.kind=full trains every "
+                             "weight; use adapter.kind pmss or lora, or model.quantize=none")
         for p in model.parameters():
             p.requires_grad_(True)
         return count_parameters(model)
@@ -237,12 +303,14 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec) -> dict[str, int]:
 
                 raise ConfigError(f"adapter.rank={spec.size} is larger than layer {full_name} allows "
                                  f"({child.out_features}x{child.in_features}: k <= {limit}); lower adapter.rank")
+            check_quantizable(full_name, (child.out_features, child.in_features), spec.quantize, shards)
             layer = cls(child.in_features, child.out_features, spec.size, spec.alpha,
-                        bias=child.bias is not None, device=child.weight.device, dtype=child.weight.dtype)
+                        bias=child.bias is not None, device=child.weight.device, dtype=child.weight.dtype,
+                        quantize=spec.quantize, constants_device=constants_device)
             if child.weight.device.type != "meta":
-                with torch.no_grad():
-                    layer.weight.copy_(child.weight)
-                    if child.bias is not None:
+                layer.load_weight(child.weight)
+                if child.bias is not None:
+                    with torch.no_grad():
                         layer.bias.copy_(child.bias)
             setattr(parent, child_name, layer)
             swapped += 1
@@ -286,17 +354,19 @@ def reset_adapters(model: nn.Module, seed: int) -> None:
 
 def assign_skeletons(model: nn.Module, method: str = "deim", *, seed: int = 0, svd: str = "auto",
                      selections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                     progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                     progress: bool = False, original=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Choose (or take from ``selections``) the skeleton of every PMSS layer and write the indices
     into its buffers. Weights may be plain tensors or FSDP2 shards; the indices do not depend on
-    the world size. Returns ``{layer_name: (rows, cols)}``."""
+    the world size. A quantized base is selected on its unquantized weights: ``original`` (layer
+    name -> this rank's part of the original weight, `hf.load.original_weights`). Returns
+    ``{layer_name: (rows, cols)}``."""
     from pmss_dist.adapters.distributed_selection import select_skeletons
 
     layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, PMSSLinear)}
     if selections is None:
         selections = select_skeletons({n: m.weight for n, m in layers.items()},
                                       {n: m.k for n, m in layers.items()},
-                                      method, seed=seed, svd=svd, progress=progress)
+                                      method, seed=seed, svd=svd, progress=progress, original=original)
     missing = sorted(set(layers) - set(selections))
     if missing:
         raise ValueError(f"skeleton selection has no indices for layer(s) {missing[:3]}...")
@@ -317,8 +387,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     The model must hold full (unsharded) weights; distributed export merges per layer instead."""
     for name, layer in adapter_layers(model).items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.weight.device, dtype=layer.weight.dtype)
-        linear.weight.copy_(merge_update(layer.weight, layer.delta_weight()))
+                           device=layer.weight.device, dtype=layer.dtype)
+        linear.weight.copy_(merge_update(layer.dense_weight(layer.dtype), layer.delta_weight()))
         if layer.bias is not None:
             linear.bias.copy_(layer.bias)
         linear.requires_grad_(False)

@@ -211,15 +211,20 @@ def open_safetensors(path: Path):
         raise ValueError(f"cannot read {path}: {err} (truncated or not a safetensors file?)") from err
 
 
-def _row_range(param: torch.Tensor) -> tuple[int, int]:
-    """The global rows this rank holds: DTensor ``Shard(0)`` splits like ``torch.chunk`` over its
-    mesh dimension; the other dimension of an HSDP mesh is ``Replicate``."""
-    if not isinstance(param, DTensor):
-        return 0, param.shape[0] if param.dim() else 0
+def _shard_mesh_dim(param: DTensor) -> int:
+    """The mesh dimension a DTensor's rows are split over: FSDP2 places it ``Shard(0)`` there, and
+    ``Replicate`` on the other dimension of an HSDP mesh."""
     shards = [(i, p) for i, p in enumerate(param.placements) if not isinstance(p, Replicate)]
     if len(shards) != 1 or not (isinstance(shards[0][1], Shard) and shards[0][1].dim == 0):
         raise AssertionError(f"unexpected placements {param.placements}")
-    mesh_dim = shards[0][0]
+    return shards[0][0]
+
+
+def _row_range(param: torch.Tensor) -> tuple[int, int]:
+    """The global rows this rank holds: DTensor ``Shard(0)`` splits like ``torch.chunk``."""
+    if not isinstance(param, DTensor):
+        return 0, param.shape[0] if param.dim() else 0
+    mesh_dim = _shard_mesh_dim(param)
     n, world = param.shape[0], param.device_mesh.size(mesh_dim)
     chunk = math.ceil(n / world)
     start = min(param.device_mesh.get_local_rank(mesh_dim) * chunk, n)
@@ -291,23 +296,59 @@ def load_hf_weights(model: nn.Module, ckpt_dir: str | Path, hf_config: dict) -> 
     """Copy the base weights of ``ckpt_dir`` into ``model`` (plain tensors or FSDP2 shards), each
     rank reading only the rows it owns, converted to the model's dtype. Adapter tensors (cores,
     LoRA factors) are left alone: `reset_adapters` initialises them."""
-    ckpt_dir = Path(ckpt_dir)
-    params = base_parameters(model)
-    files, pairs = check_hf_weights({name: p.shape for name, p in params.items()}, ckpt_dir, hf_config)
-    perms = row_permutations(hf_config)
-    handles: dict[Path, object] = {}
-    for name, param in params.items():
-        rows = pairs[name]
-        hf_key, path = rows.key, files[rows.key]
-        if path not in handles:
-            handles[path] = open_safetensors(path)
-        start, stop = _row_range(param)
+    reader = BaseReader(model, ckpt_dir, hf_config)
+    adapted = {f"{name}.weight": layer for name, layer in adapter_layers(model).items()}
+    for name, param in reader.params.items():
+        value = reader.rows(name)
+        if name in adapted:  # stored as the layer says (quantized or not)
+            adapted[name].load_weight(value, shard_group(param))
+        else:
+            local = param.to_local() if isinstance(param, DTensor) else param
+            local.copy_(value.to(local.dtype))
+
+
+class BaseReader:
+    """Reads, for each base parameter of ``model``, the rows this rank holds of it from the HF
+    checkpoint ``ckpt_dir`` (checked against the model first, `check_hf_weights`), as stored there."""
+
+    def __init__(self, model: nn.Module, ckpt_dir: str | Path, hf_config: dict):
+        self.params = base_parameters(model)
+        self.files, self.pairs = check_hf_weights({name: p.shape for name, p in self.params.items()},
+                                                  Path(ckpt_dir), hf_config)
+        self.perms = row_permutations(hf_config)
+        self.handles: dict[Path, object] = {}
+
+    def rows(self, name: str) -> torch.Tensor:
+        rows = self.pairs[name]
+        hf_key, path = rows.key, self.files[rows.key]
+        if path not in self.handles:
+            self.handles[path] = open_safetensors(path)
+        start, stop = _row_range(self.params[name])
         try:
-            value = _read_rows(handles[path], rows, start, stop, permutation_for(name, perms))
+            return _read_rows(self.handles[path], rows, start, stop, permutation_for(name, self.perms))
         except Exception as err:
             raise ValueError(f"cannot read {hf_key} from {path}: {err}") from err
-        local = param.to_local() if isinstance(param, DTensor) else param
-        local.copy_(value.to(local.dtype))
+
+
+def original_weights(model: nn.Module, ckpt_dir: str | Path, hf_config: dict):
+    """Adapter layer name -> this rank's part of its weight as the HF checkpoint holds it (before
+    any quantization), in the layer's dtype and the layout of the layer's parameter: what skeleton
+    selection of a quantized base reads, one layer at a time."""
+    reader = BaseReader(model, ckpt_dir, hf_config)
+    layers = adapter_layers(model)
+
+    def read(name: str) -> torch.Tensor:
+        param, rows = layers[name].weight, reader.rows(f"{name}.weight").to(layers[name].dtype)
+        if not isinstance(param, DTensor):
+            return rows
+        return DTensor.from_local(rows, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+    return read
+
+
+def shard_group(param: torch.Tensor):
+    """The process group holding the other rows of a sharded parameter (None: not sharded)."""
+    return param.device_mesh.get_group(_shard_mesh_dim(param)) if isinstance(param, DTensor) else None
 
 
 def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:

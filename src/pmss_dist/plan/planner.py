@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor
 
-from pmss_dist.adapters.layers import FULL, AdapterSpec, count_parameters
+from pmss_dist.adapters.quantize import gathered_bytes
+from pmss_dist.adapters.layers import FULL, count_parameters
 from pmss_dist.build import parameter_bytes
-from pmss_dist.config import AC_MODES, ConfigError, ParallelConfig, TrainConfig, check_world_size
+from pmss_dist.config import AC_MODES, ConfigError, ParallelConfig, TrainConfig, adapter_spec, check_world_size
 from pmss_dist.parallel.mesh import REPLICATE, SHARD, resolve_dp_shape
 from pmss_dist.parallel.parallelize import resolve_reshard_after_forward
 from pmss_dist.plan.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, Collective, CommVolume, step_volume
@@ -125,7 +126,7 @@ class _Context:
     def __init__(self, cfg: TrainConfig, hf_config: dict, cluster: Cluster, grad_accum: int):
         a = cfg.adapter
         self.cfg, self.hf_config, self.cluster, self.grad_accum = cfg, hf_config, cluster, grad_accum
-        self.spec = AdapterSpec(a.kind, tuple(a.targets), a.rank, a.alpha)
+        self.spec = adapter_spec(cfg)
         self.full = a.kind == FULL
         self.dtype = getattr(torch, cfg.model.dtype)
         self._meshes: dict = {}
@@ -163,11 +164,11 @@ class _Context:
         model = meta_model(self.hf_config, **self.build_args(setting))
         params = list(model.parameters())
         sharded = [p for p in params if isinstance(p, DTensor)]
-        # FSDP2 all-gathers in the compute dtype (full fine-tuning's fp32 masters too)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        # FSDP2 all-gathers floating weights in the compute dtype (full fine-tuning's fp32 masters
+        # too), a quantized base as stored
         return {"frozen": local_bytes(p for p in params if not p.requires_grad),
                 "trained": local_bytes(p for p in params if p.requires_grad),
-                "gathered": sum(p.to_local().numel() for p in sharded) * dp_shard * itemsize}
+                "gathered": sum(gathered_bytes(p.to_local(), self.dtype) for p in sharded) * dp_shard}
 
     def groups(self, dp_shard: int) -> dict[str, tuple[int, ...]]:
         """Rank 0's groups on ``dp_shard``'s mesh, by role."""

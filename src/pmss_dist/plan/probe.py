@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pmss_dist.adapters.quantize import stored_tensors
 from pmss_dist.data.batches import collate
 from pmss_dist.eval.loss import token_loss_sum
 from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
@@ -55,9 +56,9 @@ def local_bytes(tensors) -> int:
     for t in tensors:
         if t is None:
             continue
-        t = t.to_local() if isinstance(t, DTensor) else t
-        storage = t.untyped_storage()
-        storages.setdefault(id(storage), storage)
+        for stored in stored_tensors(t.to_local() if isinstance(t, DTensor) else t):  # NF4: codes and scales
+            storage = stored.untyped_storage()
+            storages.setdefault(id(storage), storage)
     return sum(s.nbytes() for s in storages.values())
 
 

@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.checkpoint.stateful import Stateful
 
 from pmss_dist.adapters.layers import ADAPTER_TENSORS
-from pmss_dist.config import RUN_IDENTITY_KEYS, CheckpointConfig, flat_config, run_identity
+from pmss_dist.config import IDENTITY_DEFAULTS, RUN_IDENTITY_KEYS, CheckpointConfig, flat_config, run_identity
 from pmss_dist.files import atomic_write
 from pmss_dist.hf.load import comparable_fingerprint, file_sha256
 from pmss_dist.parallel.env import print_main
@@ -442,10 +442,11 @@ def _first_line(err: BaseException) -> str:
 
 def recorded_identity(record: CheckpointRecord) -> dict:
     """The run identity a record holds; for records from before identities, what its config and
-    sampler state say of it (config.run_identity, data.examples)."""
+    sampler state say of it (config.run_identity, data.examples). Keys added since it was written
+    take the value they stand for in older runs (`IDENTITY_DEFAULTS`)."""
     if record.identity is not None:
-        return dict(record.identity)
-    identity = run_identity(record.config) if record.config is not None else {}
+        return {**IDENTITY_DEFAULTS, **record.identity}
+    identity = {**IDENTITY_DEFAULTS, **(run_identity(record.config) if record.config is not None else {})}
     if isinstance(record.sampler.get("num_samples"), int):
         identity[EXAMPLES_KEY] = record.sampler["num_samples"]
     return identity

@@ -18,10 +18,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from pmss_dist.adapters.io import adapter_meta, save_adapter
-from pmss_dist.adapters.layers import FULL, AdapterSpec, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
+from pmss_dist.adapters.layers import FULL, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
 from pmss_dist.adapters.selection import load_selection, save_selection
 from pmss_dist.build import build_model, parameter_bytes
-from pmss_dist.config import BUILTIN_TINY, ConfigError, TrainConfig, check_world_size, run_identity, to_dict
+from pmss_dist.config import (BUILTIN_TINY, ConfigError, TrainConfig, adapter_spec, check_world_size, run_identity,
+                              to_dict)
 from pmss_dist.data import batches as batch_lib
 from pmss_dist.data import examples as data_lib
 from pmss_dist.data.rows import DataError
@@ -29,7 +30,7 @@ from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss, token_loss_sum
 from pmss_dist.hf.export import export_full, export_merged
 from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
-                               read_hf_config, weight_bytes, weight_file_names)
+                               original_weights, read_hf_config, weight_bytes, weight_file_names)
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.parallel.env import DistEnv, init_distributed, print_main, shutdown
 from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
@@ -242,8 +243,10 @@ def _select_or_load_skeletons(run: Run) -> None:
         except ValueError as err:  # made for another base or config, or not a selection file
             raise ConfigError(f"adapter.selection_file: {err}") from None
         print_main(f"reusing skeleton selection from {given}")
+    # A quantized base is selected on its original weights, read again from the base's files.
+    original = original_weights(run.model, run.base_dir, run.hf_config) if cfg.model.quantize != "none" else None
     selections = assign_skeletons(run.model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
-                                  selections=selections, progress=env.is_main)
+                                  selections=selections, progress=env.is_main, original=original)
     if env.is_main:
         save_selection(run.run_dir.selection, selections, shapes=shapes, **key)
         if given is not None and not given.is_file():
@@ -263,13 +266,12 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
                           f"directory (config.json and *.safetensors) or use {BUILTIN_TINY}")
     hf_config = read_hf_config(base_dir)
     fingerprint = agreed_fingerprint(base_dir, env)
-    a = cfg.adapter
-    spec, dtype = AdapterSpec(a.kind, tuple(a.targets), a.rank, a.alpha), getattr(torch, cfg.model.dtype)
+    spec, dtype = adapter_spec(cfg), getattr(torch, cfg.model.dtype)
     replicate, shard = resolve_dp_shape(cfg.parallel, env.world_size, local_world_size(),
                                         parameter_bytes(hf_config, adapter=spec, dtype=dtype),
                                         rank_memory_bytes(env.device))
     print_main(f"data-parallel mesh: dp_replicate={replicate} x dp_shard={shard}")
-    mesh = data_parallel_mesh(env.device.type, replicate, shard, full_finetune=a.kind == FULL)
+    mesh = data_parallel_mesh(env.device.type, replicate, shard, full_finetune=spec.kind == FULL)
     model = build_model(hf_config, adapter=spec, mesh=mesh, device=env.device, dtype=dtype, parallel=cfg.parallel,
                         weights=base_dir, max_seq_len=cfg.data.seq_len, seed=cfg.seed)
 
