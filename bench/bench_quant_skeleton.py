@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
-    print(f"| shape | k | variant | time / unquantized | frozen bytes / unquantized | output error | base only |")
+    print("| shape | k | variant | time / unquantized | frozen bytes / unquantized | output error | base only |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
         d_out, d_in = map(int, shape.split("x"))
