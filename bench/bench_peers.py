@@ -97,10 +97,18 @@ def torchtune_config(model: str, paths: dict, nproc: int, steps: int, compile_on
 
 
 def run_torchtune(model, paths, nproc, steps, compile_on, ac_on, out: Path, timeout,
-                  reshard_after_forward: bool = True) -> RunResult:
+                  reshard_after_forward: bool = True, qlora: bool = False, plain_ce: bool = False) -> RunResult:
+    """``qlora``: torchtune's QLoRA (``lora_llama3(..., quantize_base=True)``, as its
+    ``qlora_llama3_*`` builders: the projections' base weights in NF4) in bf16, as its QLoRA configs.
+    ``plain_ce``: ``torch.nn.CrossEntropyLoss`` (the recipe's unchunked path) instead of the chunked loss."""
     cfg = out / "torchtune.yaml"
     config = torchtune_config(model, paths, nproc, steps, compile_on, ac_on, out)
     config["fsdp_reshard_after_forward"] = reshard_after_forward
+    if qlora:
+        config["model"]["quantize_base"] = True
+        config["dtype"] = "bf16"
+    if plain_ce:
+        config["loss"] = {"_component_": "torch.nn.CrossEntropyLoss"}
     cfg.write_text(yaml.safe_dump(config))
     env = {"BENCH_RECORD_DIR": str(out / "records"), "OMP_NUM_THREADS": "1"}
     launched = benchlib.torchrun(nproc, BENCH / "torchtune_worker.py", ["--config", str(cfg)], env,

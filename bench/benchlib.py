@@ -15,7 +15,9 @@ jobs on a shared machine do not inflate the way they inflate wall time. Time to 
 launching the command to the end of step 1 (imports, model build, weight loading, skeleton
 selection and compilation included). Peak memory is each rank's peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``), taken in the worker when it exits: process memory, file
-pages of memory-mapped checkpoint reads included.
+pages of memory-mapped checkpoint reads included. Frozen bytes are each rank's bytes of frozen
+parameters, read off the live model after step 1 (`frozen_parameter_bytes`): its local shards, a
+quantized tensor counted by what it stores.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class RunResult:
     step_cpu_s: list[float]  # CPU seconds of steps 2, 3, ..., summed over ranks
     extra: dict = field(default_factory=dict)
     step_collectives: list[list] = field(default_factory=list)  # rank 0's collectives in steps 2, 3, ...
+    frozen_bytes: list[int | None] = field(default_factory=list)  # frozen parameter bytes per rank
 
     def collective_bytes(self, kind: str | None = None, gpus_per_node: int | None = None, crossing: bool | None = None,
                          skip: int = 0) -> float:
@@ -200,6 +203,7 @@ class WorkerRecord:
     # (wall time, process CPU time, collectives so far) at the end of each optimizer step
     steps: list[tuple[float, float, int]]
     collectives: list = field(default_factory=list)  # [kind, payload bytes, group ranks] per call, in order
+    frozen_bytes: int | None = None  # this rank's frozen parameter bytes after step 1
 
     def step_collectives(self, step: int) -> list:
         """The collectives this rank called from the end of optimizer step ``step`` - 1 to the end of ``step``
@@ -284,29 +288,59 @@ def read_records(record_dir: Path) -> list[WorkerRecord]:
     return [WorkerRecord(**json.loads(p.read_text())) for p in files]
 
 
+def frozen_parameter_bytes(model) -> int:
+    """This rank's bytes of ``model``'s frozen parameters (with FSDP2 between steps: its shards)."""
+    from torch.distributed.tensor import DTensor
+
+    from pmss_dist.adapters.quantize import tensor_bytes  # a quantized tensor by what it stores
+
+    return sum(tensor_bytes(p.to_local() if isinstance(p, DTensor) else p)
+               for p in model.parameters() if not p.requires_grad)
+
+
 def record_worker(record_dir: str) -> None:
     """Called first thing in a worker (after its framework is imported). Stamps the wall and CPU
     time and the count of collectives (`COUNTER`) after every optimizer step (a global post-step
     hook: the same for every trainer, on every rank), and at exit writes them with this rank's
-    collectives and peak RSS (ru_maxrss, KiB on Linux)."""
+    collectives and peak RSS (ru_maxrss, KiB on Linux). With ``BENCH_FROZEN_BYTES=1``, a global
+    forward pre-hook also notes every module called until step 1 ends; after step 1 (FSDP2 has
+    resharded) the largest of them, the model, gives the rank's frozen parameter bytes, and the
+    hook is removed. (Opt-in: a global hook would change what torch.compile traces in step 1.)"""
     import atexit
     import resource
 
+    from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rank = int(os.environ.get("RANK", "0"))
     steps: list[tuple[float, float, int]] = []
+    called: dict[int, object] = {}
+    frozen: list[int] = []
     COUNTER.install()
-    register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: steps.append((time.time(), time.process_time(), len(COUNTER.calls))))
+
+    def note(module, args) -> None:
+        called.setdefault(id(module), module)
+
+    hook = register_module_forward_pre_hook(note) if os.environ.get("BENCH_FROZEN_BYTES") == "1" else None
+
+    def after_step(opt, args, kwargs):
+        steps.append((time.time(), time.process_time(), len(COUNTER.calls)))
+        if hook is not None and len(steps) == 1:
+            hook.remove()
+            model = max(called.values(), key=lambda m: sum(1 for _ in m.parameters()), default=None)
+            if model is not None:
+                frozen.append(frozen_parameter_bytes(model))
+            called.clear()
+
+    register_optimizer_step_post_hook(after_step)
 
     def write():
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(record_dir).mkdir(parents=True, exist_ok=True)
         (Path(record_dir) / f"rank{rank}.json").write_text(json.dumps(
             {"rank": rank, "peak_mib": peak, "after_import_mib": after_import, "steps": steps,
-             "collectives": COUNTER.calls}))
+             "collectives": COUNTER.calls, "frozen_bytes": frozen[0] if frozen else None}))
 
     atexit.register(write)
 
@@ -322,7 +356,8 @@ def result_from_records(name: str, records: list[WorkerRecord], launched: float,
     cpu = [sum(r.steps[i + 1][1] - r.steps[i][1] for r in records) for i in range(len(main.steps) - 1)]
     collectives = [main.step_collectives(step) for step in range(2, len(main.steps) + 1)] if main.collectives else []
     return RunResult(name, wall, main.steps[0][0] - launched, [r.peak_mib for r in records],
-                     [r.after_import_mib for r in records], tokens_per_step, cpu, extra, collectives)
+                     [r.after_import_mib for r in records], tokens_per_step, cpu, extra, collectives,
+                     [r.frozen_bytes for r in records])
 
 
 def fmt_ratio(x: float) -> str:
