@@ -71,6 +71,7 @@ def empty_nf4(shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
     scaler_block = nf4_scaler_block(shape)
     template = to_nf4(torch.empty(shape, dtype=dtype, device="meta"), NF4_BLOCK, scaler_block)
     meta = SubclassTensorArgs(template.shape, template.stride(), 0, dtype, torch.device(device), False)
+
     def empty(name):
         return torch.empty_like(getattr(template, name), device=device)
 
@@ -97,7 +98,8 @@ def nf4_rows(rows: torch.Tensor, scale_mean: torch.Tensor, scaler_block: int) ->
     these rows."""
     from torchao.dtypes.nf4tensor import NF4Tensor, SubclassTensorArgs, get_block_absmax
 
-    flat = rows.contiguous().flatten()
+    rows = rows.contiguous()
+    flat = rows.flatten()
     mean = scale_mean.to(rows.dtype)
     scalers = get_block_absmax(flat, NF4_BLOCK) - mean
     blocks = scalers.view(-1, scaler_block)
@@ -105,8 +107,8 @@ def nf4_rows(rows: torch.Tensor, scale_mean: torch.Tensor, scaler_block: int) ->
     quantized_scalers = (blocks * factor[:, None]).round().clamp(-128, 127).flatten().to(torch.int8)
     n_blocks = flat.numel() // NF4_BLOCK
     codes = nf4_codes(rows.dtype, rows.device)
-    data = NF4Tensor.convert_to_norm_float_weight(rows.contiguous(), n_blocks, NF4_BLOCK, codes)
-    meta = SubclassTensorArgs(rows.shape, rows.contiguous().stride(), 0, rows.dtype, rows.device, False)
+    data = NF4Tensor.convert_to_norm_float_weight(rows, n_blocks, NF4_BLOCK, codes)
+    meta = SubclassTensorArgs(rows.shape, rows.stride(), 0, rows.dtype, rows.device, False)
     return NF4Tensor(meta, NF4_BLOCK, n_blocks, scaler_block, quantized_scalers, factor.contiguous(),
                      mean.clone(), data, codes)
 
