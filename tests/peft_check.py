@@ -3,6 +3,7 @@
 
     python tests/peft_check.py --base BASE_DIR --adapter PEFT_DIR --expected EXPECTED.safetensors \\
         [--adapter PEFT_DIR2 --expected EXPECTED2.safetensors ...] [--atol 1e-5] [--merged MERGED_DIR ...]
+    python tests/peft_check.py --serve    (checks one after another, see `serve`)
 
 peft refuses the torchao release torchtune needs, so this script imports neither torchtune nor
 pmss_dist: tests/test_hf_export.py writes the files and runs it with the interpreter named by
@@ -17,8 +18,12 @@ all hold.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import io
+import json
 import sys
+import traceback
 
 import torch
 from peft import PeftModel
@@ -75,5 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def serve() -> int:
+    """Run checks until stdin ends: each line is the arguments of one (a JSON list), each answer one
+    line on stdout, ``{"status": exit status, "output": what the check printed, or its error}``.
+    The tests start one server (tests/conftest.py ``stock_peft``), so that torch, transformers and
+    peft start up once."""
+    for line in sys.stdin:
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                status = main(json.loads(line))
+        except SystemExit as err:  # argparse refusing the arguments
+            status = err.code
+        except Exception:  # a failed check: answered, and the next one runs
+            status = 1
+            printed.write(traceback.format_exc())
+        print(json.dumps({"status": status, "output": printed.getvalue()}), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())

@@ -51,13 +51,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pmss_dist.train.run_dir import RunDir
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PY = sys.executable
-
-from pmss_dist.train.run_dir import RunDir  # noqa: E402
-from word_problems import check_calculations  # noqa: E402  (beside this script)
 
 # name -> (config file, key=value overrides). One adapter.rank per run: PMSS uses a single k for
 # every target (configs/smollm2_pmss.yaml explains the budget arithmetic).
@@ -155,6 +156,8 @@ def evaluate(args, model: Path, out: Path) -> dict:
         result = json.loads(out.read_text())
         result.update(wall_s=wall, bench_settings=settings)
         out.write_text(json.dumps(result, indent=2))
+    from word_problems import check_calculations  # beside this script; here, as it imports torch (see run_dir_of)
+
     generated = [r["generated"] for r in result["records"]]
     correct, total = map(sum, zip(*(check_calculations(g) for g in generated))) if generated else (0, 0)
     return {"accuracy": result["summary"]["accuracy"], "n": result["summary"]["n"], "eval_wall_s": result.get("wall_s"),
@@ -164,6 +167,8 @@ def evaluate(args, model: Path, out: Path) -> dict:
 
 
 def run_dir_of(args, method: str, lr: float, seed: int) -> RunDir:
+    from pmss_dist.train.run_dir import RunDir  # here: it imports torch, and --help needs none
+
     return RunDir(args.out / "runs" / f"{method}_lr{lr:g}_seed{seed}")
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -91,11 +92,20 @@ def test_two_torchrun_node_groups_match_one_node(reference, tmp_path):
 
 # -- the requeue decision -----------------------------------------------------------------
 
-def should_requeue(run_dir: Path, since: float, *flags: str) -> bool:
-    result = subprocess.run([sys.executable, str(JOB_STATE), "should-requeue", str(run_dir),
-                             "--since", str(since), *flags], capture_output=True, text=True)
-    assert result.returncode in (0, 1), result.stderr
-    return result.returncode == 0
+@pytest.fixture(scope="module")
+def job_state():
+    """launch/slurm/job_state.py as a module: its command line called in this process, where the
+    script's own start-up (it imports the trainer's torch) would cost each case seconds."""
+    spec = importlib.util.spec_from_file_location("job_state", JOB_STATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def should_requeue(job_state, run_dir: Path, since: float, *flags: str) -> bool:
+    status = job_state.main(["should-requeue", str(run_dir), "--since", str(since), *flags])
+    assert status in (0, 1)
+    return status == 0
 
 
 @pytest.mark.parametrize("written,flags,expected", [
@@ -111,7 +121,7 @@ def should_requeue(run_dir: Path, since: float, *flags: str) -> bool:
     ("stale-SIGUSR1", [], False),  # a summary from an earlier attempt does not count
 ], ids=["completed", "completed-flags", "usr1", "usr1-requested", "term", "term-preempted", "none",
         "none-preempted", "none-requested", "stale"])
-def test_requeue_decision(tmp_path, written, flags, expected):
+def test_requeue_decision(job_state, tmp_path, written, flags, expected):
     start = time.time()
     if written == "stale-SIGUSR1":
         path = tmp_path / "summary.json"
@@ -119,7 +129,7 @@ def test_requeue_decision(tmp_path, written, flags, expected):
         os.utime(path, (start - 60, start - 60))
     elif written is not None:
         (tmp_path / "summary.json").write_text(json.dumps({**written, "steps": 3, "final_loss": 1.0}))
-    assert should_requeue(tmp_path, start, *flags) is expected
+    assert should_requeue(job_state, tmp_path, start, *flags) is expected
 
 
 # -- a real SLURM ---------------------------------------------------------------------------

@@ -18,8 +18,6 @@ exercise it. Every check below then runs on it:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -107,15 +105,11 @@ def _byte_tokenized_checkpoint(path: Path, family: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", TRAINED_CASES)
-def test_trained_exports_match_transformers_and_peft(tmp_path, family):
-    python = os.environ.get("PMSS_PEFT_PYTHON")
-    if not python:
-        pytest.skip("PMSS_PEFT_PYTHON is unset: it names a venv's python with torch, transformers, peft and "
-                    "safetensors but no torchao (peft refuses torchtune's torchao); tools/run_tests.sh creates it")
+def test_trained_exports_match_transformers_and_peft(stock_peft, tmp_path, family):
     base = tmp_path / "base"
     _byte_tokenized_checkpoint(base, family)
     toks = long_tokens(read_hf_config(base), 320)
-    peft_args, scale = [python, str(REPO / "tests" / "peft_check.py"), "--base", str(base)], 0.0
+    peft_args, scale = ["--base", base], 0.0
     for kind, lr in (("pmss", "5e-2"), ("lora", "1e-2")):
         run = tmp_path / kind
         run_job(2, [*FAST, "max_steps=3", f"optim.lr={lr}", f"adapter.kind={kind}", f"model.path={base}",
@@ -134,9 +128,9 @@ def test_trained_exports_match_transformers_and_peft(tmp_path, family):
         scale = max(scale, merged.abs().max().item())
     # PEFT's unmerged forward reassociates the update as ours does: ~1e-5 of the logits' scale
     # (Gemma's are several times Llama's); merged, it is the same weights.
-    proc = subprocess.run([*peft_args, "--atol", f"{3e-5 * scale:.3g}"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.count("ok: ") == 2
+    status, output = stock_peft([*peft_args, "--atol", f"{3e-5 * scale:.3g}"])
+    assert status == 0, output
+    assert output.count("ok: ") == 2
 
 
 # ---- the features the rows exercise: each changes the logits, each is exact ---------------------

@@ -13,8 +13,6 @@ heads of 8, 2 KV heads, intermediate 45, so ``qkv_proj`` stacks q rows 0:32, k 3
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -159,21 +157,17 @@ def test_index_outside_its_block_is_refused(phi_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_stock_peft_loads_and_merges_to_our_export(phi_run, tmp_path):
-    python = os.environ.get("PMSS_PEFT_PYTHON")
-    if not python:
-        pytest.skip("PMSS_PEFT_PYTHON is unset: it names a venv's python with torch, transformers, peft and "
-                    "safetensors but no torchao (peft refuses torchtune's torchao); tools/run_tests.sh creates it")
-    args = [python, str(REPO / "tests" / "peft_check.py"), "--base", str(phi_run["base"]), "--atol", "1e-4"]
+def test_stock_peft_loads_and_merges_to_our_export(stock_peft, phi_run, tmp_path):
+    args = ["--base", phi_run["base"], "--atol", "1e-4"]
     for name in ("pmss", "lora", "partial"):
         export_peft(phi_run[name], phi_run["base"], tmp_path / name)
         expected = tmp_path / f"{name}.safetensors"
         save_file({"tokens": tokens(), "logits": phi_run[f"{name}_logits"].contiguous()}, str(expected))
         args += ["--adapter", str(tmp_path / name), "--expected", str(expected),
                  "--merged", str(phi_run[f"{name}_merged"])]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.count("ok: ") == 3
+    status, output = stock_peft(args)
+    assert status == 0, output
+    assert output.count("ok: ") == 3
 
 
 # ---- import: two ranks, each reading only its own rows of the fused tensors ------------------

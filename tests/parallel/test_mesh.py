@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAST, probe, run_job, summary
+from conftest import FAST, FULL, probe, run_job, summary
 from pmss_dist.config import ConfigError, ParallelConfig
 from pmss_dist.parallel.mesh import resolve_dp_shape
 
@@ -45,54 +45,61 @@ def test_bad_shapes_name_the_numbers(settings, needle):
 
 # -- real processes ------------------------------------------------------------------------------
 
-MESHES = {"1x4": ["parallel.dp_shard=4"], "2x2": ["parallel.dp_shard=2"], "4x1": ["parallel.dp_shard=1"]}
+# The 4-rank runs besides the session's four_rank_probe, which is the 1x4 mesh (dp_shard=auto on one
+# node of 4). 2x2 also writes the step-4 checkpoint that the resume test below starts from.
+MESHES = {"2x2": ["parallel.dp_shard=2", "checkpoint.every_steps=4"], "4x1": ["parallel.dp_shard=1"]}
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return probe(1, tmp_path_factory.mktemp("mesh") / "single")
+def mesh_runs(four_rank_probe, tmp_path_factory):
+    """Each mesh's run, made once: ``mesh_runs("2x2")``."""
+    root, runs = tmp_path_factory.mktemp("mesh"), {"1x4": four_rank_probe}
+
+    def run(mesh: str) -> dict:
+        if mesh not in runs:
+            # data.micro_batch_size=2: two micro-batches of accumulation on each of the 4 ranks.
+            runs[mesh] = probe(4, root / mesh, "data.micro_batch_size=2", *MESHES[mesh])
+        return runs[mesh]
+
+    return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", list(MESHES))
-def test_every_mesh_trains_the_one_process_model(single, tmp_path, mesh):
-    # data.micro_batch_size=2: two micro-batches of accumulation on each of the 4 ranks.
-    result = probe(4, tmp_path / mesh, "data.micro_batch_size=2", *MESHES[mesh])
-    torch.testing.assert_close(torch.tensor(result["summary"]["losses"]), torch.tensor(single["summary"]["losses"]),
-                               rtol=1e-5, atol=1e-5)
-    reference = single["ranks"][0]["tensors"]
+@pytest.mark.parametrize("mesh", ["1x4", "2x2", "4x1"])
+def test_every_mesh_trains_the_one_process_model(one_process_probe, mesh_runs, mesh):
+    result = mesh_runs(mesh)
+    torch.testing.assert_close(torch.tensor(result["summary"]["losses"]),
+                               torch.tensor(one_process_probe["summary"]["losses"]), rtol=1e-5, atol=1e-5)
+    reference = one_process_probe["ranks"][0]["tensors"]
     for rank in result["ranks"]:
         for name, core in rank["tensors"].items():
             assert torch.equal(core, result["ranks"][0]["tensors"][name]), name  # replicated over the world
             torch.testing.assert_close(core, reference[name], rtol=1e-4, atol=1e-6)
-    total = int(single["ranks"][0]["meta"]["frozen_bytes"])
-    dp_shard = int(MESHES[mesh][0].rsplit("=", 1)[1])
+    total = int(one_process_probe["ranks"][0]["meta"]["frozen_bytes"])
+    dp_shard = int(mesh.split("x")[1])
     per_rank = [int(r["meta"]["frozen_bytes"]) for r in result["ranks"]]
     assert sum(per_rank) == total * 4 // dp_shard  # dp_replicate copies of the base in all
     assert max(per_rank) <= total / dp_shard * 1.05  # each rank: its shard, up to odd dimensions
 
 
 @pytest.mark.slow
-def test_full_finetuning_on_a_2x2_mesh_trains_the_one_process_model(tmp_path):
-    full = ["adapter.kind=full", "optim.lr=1e-3"]
-    one = probe(1, tmp_path / "one", *full)
-    hsdp = probe(4, tmp_path / "hsdp", "data.micro_batch_size=2", "parallel.dp_shard=2", *full)
-    torch.testing.assert_close(torch.tensor(hsdp["summary"]["losses"]), torch.tensor(one["summary"]["losses"]),
-                               rtol=1e-5, atol=1e-5)
+def test_full_finetuning_on_a_2x2_mesh_trains_the_one_process_model(full_one_process, tmp_path):
+    run_job(4, [*FULL, f"output_dir={tmp_path}", "data.micro_batch_size=2", "parallel.dp_shard=2"])
+    torch.testing.assert_close(torch.tensor(summary(tmp_path)["losses"]),
+                               torch.tensor(summary(full_one_process)["losses"]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_checkpoint_of_a_2x2_mesh_resumes_on_1x4_and_on_one_process(tmp_path):
-    long = [*FAST, "checkpoint.every_steps=4", "checkpoint.keep_last=3"]
-    run_job(4, [*long, f"output_dir={tmp_path / 'whole'}", "parallel.dp_shard=2"])
-    expected = summary(tmp_path / "whole")["losses"]
+def test_checkpoint_of_a_2x2_mesh_resumes_on_1x4_and_on_one_process(mesh_runs, tmp_path):
+    whole = mesh_runs("2x2")
     for nproc, mesh in ((4, "parallel.dp_shard=4"), (1, "parallel.dp_shard=auto")):
         out = tmp_path / f"resumed-{nproc}"
         out.mkdir()
-        shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_000004", out / "checkpoints" / "step_000004")
-        proc = run_job(nproc, [*long, f"output_dir={out}", mesh])
+        shutil.copytree(whole["out"] / "checkpoints" / "step_000004", out / "checkpoints" / "step_000004")
+        proc = run_job(nproc, [*FAST, "data.micro_batch_size=2", "checkpoint.every_steps=4", f"output_dir={out}", mesh])
         assert "at step 4" in proc.stderr
-        torch.testing.assert_close(torch.tensor(summary(out)["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(summary(out)["losses"]), torch.tensor(whole["summary"]["losses"]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

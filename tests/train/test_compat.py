@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_job, summary
+from conftest import REPO, run_direct, summary
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ SETTINGS = ["adapter.rank=4", "adapter.alpha=4", "model.dtype=float32", "data.nu
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("compat") / "uninterrupted"
-    run_job(1, [*SETTINGS, f"output_dir={out}"])
+    run_direct([*SETTINGS, f"output_dir={out}"], check=True)
     return out
 
 
@@ -34,7 +34,7 @@ def test_old_checkpoint_resumes_like_an_uninterrupted_run(uninterrupted, tmp_pat
     out.mkdir()
     shutil.copytree(OLD / "checkpoints", out / "checkpoints")
     shutil.copy(OLD / "selection.json", out / "selection.json")
-    proc = run_job(1, [*SETTINGS, f"output_dir={out}"])
+    proc = run_direct([*SETTINGS, f"output_dir={out}"], check=True)
     assert "at step 2" in proc.stderr  # resumed from the old step checkpoint, did not start over
     assert summary(out)["losses"] == summary(uninterrupted)["losses"]
     ours, theirs = (load_file(str(d / "adapter" / "adapter.safetensors")) for d in (out, uninterrupted))
@@ -44,7 +44,8 @@ def test_old_checkpoint_resumes_like_an_uninterrupted_run(uninterrupted, tmp_pat
 
 def test_old_selection_file_is_reused(uninterrupted, tmp_path):
     out = tmp_path / "reuse"
-    proc = run_job(1, [*SETTINGS, f"output_dir={out}", "max_steps=1", f"adapter.selection_file={OLD / 'selection.json'}"])
+    proc = run_direct([*SETTINGS, f"output_dir={out}", "max_steps=1",
+                       f"adapter.selection_file={OLD / 'selection.json'}"], check=True)
     assert "reusing skeleton selection" in proc.stderr
     old, new = json.loads((OLD / "selection.json").read_text()), json.loads((out / "selection.json").read_text())
     # The old file was accepted by its header fingerprint; the run records the base's content fingerprint.

@@ -7,31 +7,18 @@ import subprocess
 import pytest
 import torch
 
-from conftest import FAST, REPO, job_env, probe, run_job, torchrun_cmd
+from conftest import FAST, REPO, job_env, probe, run_direct, run_job, torchrun_cmd
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
 
-@pytest.fixture(scope="module")
-def single(session_tmp):
-    # One process, two micro-batches of accumulation: the reference every other layout must match.
-    return probe(1, session_tmp / "single")
-
-
-@pytest.mark.parametrize("nproc,extra", [
-    (2, ["data.micro_batch_size=8", "parallel.reshard_after_forward=true"]),  # no accumulation
-    (4, ["data.micro_batch_size=2"]),  # accumulation 2 on 4 ranks
-    (2, ["data.micro_batch_size=4", "parallel.compile=true", "parallel.activation_checkpointing=selective"]),
-    (2, ["data.micro_batch_size=4", "parallel.activation_checkpointing=full"]),
-], ids=["n2", "n4-accum", "n2-compile-selectiveac", "n2-fullac"])
-def test_parity_with_single_process(single, session_tmp, nproc, extra):
-    result = probe(nproc, session_tmp / f"n{nproc}-{'-'.join(extra)}".replace("=", "_"), *extra)
-    ref_losses = single["summary"]["losses"]
+def assert_trains_the_one_process_model(result: dict, one_process: dict, nproc: int) -> None:
+    ref_losses = one_process["summary"]["losses"]
     assert result["summary"]["world_size"] == nproc
     torch.testing.assert_close(torch.tensor(result["summary"]["losses"]), torch.tensor(ref_losses),
                                rtol=1e-5, atol=1e-5)
     assert ref_losses[-1] < ref_losses[0]
-    ref_cores = single["ranks"][0]["tensors"]
+    ref_cores = one_process["ranks"][0]["tensors"]
     for rank in result["ranks"]:
         assert set(rank["tensors"]) == set(ref_cores)
         for name, core in rank["tensors"].items():
@@ -42,10 +29,24 @@ def test_parity_with_single_process(single, session_tmp, nproc, extra):
     assert any(c.abs().sum() > 0 for c in ref_cores.values())  # training moved the cores
 
 
-def test_frozen_base_bytes_fall_as_one_over_n(single, session_tmp):
-    total = int(single["ranks"][0]["meta"]["frozen_bytes"])
-    four = probe(4, session_tmp / "bytes4", "data.micro_batch_size=4")
-    per_rank = [int(r["meta"]["frozen_bytes"]) for r in four["ranks"]]
+@pytest.mark.parametrize("extra", [
+    ["data.micro_batch_size=8", "parallel.reshard_after_forward=true"],  # no accumulation
+    ["data.micro_batch_size=4", "parallel.compile=true", "parallel.activation_checkpointing=selective"],
+    ["data.micro_batch_size=4", "parallel.activation_checkpointing=full"],
+], ids=["n2", "n2-compile-selectiveac", "n2-fullac"])
+def test_parity_with_single_process(one_process_probe, session_tmp, extra):
+    result = probe(2, session_tmp / f"n2-{'-'.join(extra)}".replace("=", "_"), *extra)
+    assert_trains_the_one_process_model(result, one_process_probe, 2)
+
+
+def test_parity_with_single_process_on_4_ranks_with_accumulation(one_process_probe, four_rank_probe):
+    assert_trains_the_one_process_model(four_rank_probe, one_process_probe, 4)
+
+
+def test_frozen_base_bytes_fall_as_one_over_n(one_process_probe, four_rank_probe):
+    # The 4-rank run above: what a rank holds of the frozen base does not depend on micro-batching.
+    total = int(one_process_probe["ranks"][0]["meta"]["frozen_bytes"])
+    per_rank = [int(r["meta"]["frozen_bytes"]) for r in four_rank_probe["ranks"]]
     assert sum(per_rank) == total
     assert max(per_rank) <= total / 4 * 1.05  # even shards up to rounding of odd dims
 
@@ -62,24 +63,24 @@ def test_bad_config_fails_fast_on_every_rank(session_tmp, override, needle):
     assert needle in proc.stderr
 
 
-def test_tensorboard_scalars_written(single, session_tmp):
+def test_tensorboard_scalars_written(one_process_probe):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(session_tmp / "single" / "tensorboard"))
+    acc = EventAccumulator(str(one_process_probe["out"] / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s",
             "perf/tokens_per_s_per_device"} <= tags
     logged = {e.step: e.value for e in acc.Scalars("train/loss")}
-    losses = single["summary"]["losses"]
+    losses = one_process_probe["summary"]["losses"]
     assert sorted(logged) == [4, 8]
     for step, value in logged.items():
         assert value == pytest.approx(losses[step - 1], rel=1e-6)
 
 
-def test_summary_and_outputs(single, session_tmp):
-    out = session_tmp / "single"
-    s = single["summary"]
+def test_summary_and_outputs(one_process_probe):
+    out = one_process_probe["out"]
+    s = one_process_probe["summary"]
     assert {"initial_loss", "final_loss", "steps", "trainable_params", "total_params", "world_size"} <= set(s)
     assert s["steps"] == 8 and s["completed"]
     assert s["trainable_params"] == 28 * 8 * 8  # 4 layers x 7 projections x k^2
@@ -92,10 +93,10 @@ def test_summary_and_outputs(single, session_tmp):
     assert manifest["extra"]["selection"] == json.loads((out / "selection.json").read_text())
 
 
-def test_selection_tool_on_two_ranks_writes_the_runs_selection(single, session_tmp):
+def test_selection_tool_on_two_ranks_writes_the_runs_selection(one_process_probe, session_tmp):
     # The standalone tool (2 ranks) and the 1-process training run select the same skeletons,
     # and the run accepts the tool's file as adapter.selection_file.
-    out = session_tmp / "single"
+    out = one_process_probe["out"]
     sel = session_tmp / "tool-selection.json"
     proc = subprocess.run(torchrun_cmd(2, "-m", "pmss_dist.cli.select")
                           + ["--hf", str(out / "base_model"), "--k", "8", "--dtype", "float32", "--out", str(sel)],
@@ -103,6 +104,6 @@ def test_selection_tool_on_two_ranks_writes_the_runs_selection(single, session_t
     assert proc.returncode == 0, proc.stderr[-3000:]
     tool, run = json.loads(sel.read_text()), json.loads((out / "selection.json").read_text())
     assert tool == run
-    reuse = run_job(1, [*FAST, f"output_dir={session_tmp / 'reuse'}", f"adapter.selection_file={sel}",
-                        "max_steps=1"])
+    reuse = run_direct([*FAST, f"output_dir={session_tmp / 'reuse'}", f"adapter.selection_file={sel}", "max_steps=1"],
+                       check=True)
     assert "reusing skeleton selection" in reuse.stderr

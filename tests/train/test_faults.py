@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from conftest import FAST, REPO, job_cmd, job_env, run_direct, run_job, summary
 pytestmark = pytest.mark.slow  # torchrun jobs, killed and resumed
 
 PROBE = REPO / "tests" / "dist_probe.py"
-LONG = [*FAST, "max_steps=40", "checkpoint.every_steps=5", "checkpoint.keep_last=3", "log.log_every=5"]
+# keep_last=4: the fallback test damages the newest three checkpoints and resumes from the fourth.
+LONG = [*FAST, "max_steps=40", "checkpoint.every_steps=5", "checkpoint.keep_last=4", "log.log_every=5"]
 
 
 def children(pid: int) -> list[int]:
@@ -126,22 +126,35 @@ def test_resume_on_another_world_size(uninterrupted, session_tmp, nproc, micro):
     assert_same_run(out, uninterrupted, tol=1e-5)
 
 
-@pytest.mark.parametrize("damage", ["delete_shard", "truncate_metadata", "no_manifest"])
-def test_corrupted_checkpoint_falls_back_to_previous(uninterrupted, session_tmp, damage):
-    out = session_tmp / f"corrupt-{damage}"
+# One damage on each of the three newest checkpoints, so that one resume meets all three.
+DAMAGED_STEP = {"delete_shard": 40, "truncate_metadata": 35, "no_manifest": 30}
+
+
+@pytest.fixture(scope="module")
+def damaged_and_resumed(uninterrupted, session_tmp) -> tuple[Path, str]:
+    """A copy of the uninterrupted run, its checkpoints damaged as DAMAGED_STEP says, resumed: the
+    run directory and the resume's stderr."""
+    out = session_tmp / "corrupt"
     shutil.copytree(uninterrupted, out)
-    newest = out / "checkpoints" / "step_000040"
-    if damage == "delete_shard":
-        next(newest.glob("*.distcp")).unlink()
-    elif damage == "truncate_metadata":
-        with open(newest / ".metadata", "r+b") as f:
-            f.truncate(10)
-    else:
-        (newest / "manifest.json").unlink()
+    for damage, step in DAMAGED_STEP.items():
+        checkpoint = out / "checkpoints" / f"step_{step:06d}"
+        if damage == "delete_shard":
+            next(checkpoint.glob("*.distcp")).unlink()
+        elif damage == "truncate_metadata":
+            with open(checkpoint / ".metadata", "r+b") as f:
+                f.truncate(10)
+        else:
+            (checkpoint / "manifest.json").unlink()
     (out / "summary.json").unlink()
-    proc = run_job(2, [*LONG, f"output_dir={out}"])
-    assert "skipping checkpoint" in proc.stderr and "step_000040" in proc.stderr
-    assert "at step 35" in proc.stderr
+    return out, run_job(2, [*LONG, f"output_dir={out}"]).stderr
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_STEP))
+def test_corrupted_checkpoint_falls_back_to_previous(uninterrupted, damaged_and_resumed, damage):
+    out, stderr = damaged_and_resumed
+    skipped = [line for line in stderr.splitlines() if "skipping checkpoint" in line]
+    assert any(f"step_{DAMAGED_STEP[damage]:06d}" in line for line in skipped), skipped
+    assert "at step 25" in stderr  # the newest undamaged checkpoint
     assert_same_run(out, uninterrupted)
 
 
@@ -176,18 +189,18 @@ def test_async_save_publishes_the_same_checkpoints_and_resumes(uninterrupted, se
     assert_same_run(out, uninterrupted)
 
 
-def test_export_of_an_unfinished_run_uses_its_newest_checkpoint(uninterrupted, session_tmp):
+def test_export_of_an_unfinished_run_uses_its_newest_checkpoint(uninterrupted, session_tmp, capsys):
     # A run killed after its last checkpoint: no adapter/ and no summary.json, only checkpoints.
     # Exported from the checkpoint, it must equal what the trainer itself exported at the end.
+    from pmss_dist.cli.export import main as export  # the tool, in this process
+
     out = session_tmp / "unfinished-export"
     shutil.copytree(uninterrupted, out)
     shutil.rmtree(out / "adapter")
     shutil.rmtree(out / "merged")
     (out / "summary.json").unlink()
     (out / "config.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "pmss_dist.cli.export", "--run", str(out),
-                           "--out", str(out / "exported")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "exporting its checkpoint step_000040" in proc.stderr
+    assert export(["--run", str(out), "--out", str(out / "exported")]) == 0
+    assert "exporting its checkpoint step_000040" in capsys.readouterr().err
     assert (out / "exported" / "model.safetensors").read_bytes() == \
         (uninterrupted / "merged" / "model.safetensors").read_bytes()

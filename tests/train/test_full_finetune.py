@@ -3,8 +3,6 @@ sharded weights themselves train. Parity across world sizes, every weight moves,
 exported HF checkpoint is the trained model as transformers sees it."""
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import FAST, run_job, summary
+from conftest import FULL, run_direct, run_job, summary
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.hf.load import read_hf_config
 from pmss_dist.hf.export import ExportError, export_full
@@ -21,14 +19,8 @@ from pmss_dist.models import build_decoder
 
 pytestmark = pytest.mark.slow  # torchrun jobs
 
-FULL = [*FAST, "adapter.kind=full", "optim.lr=1e-3", "checkpoint.every_steps=4"]
-
-
-@pytest.fixture(scope="module")
-def single(session_tmp) -> Path:
-    out = session_tmp / "full-n1"
-    run_job(1, [*FULL, f"output_dir={out}"])
-    return out
+# The one-process reference is conftest.py's full_one_process, which tests/parallel/test_mesh.py
+# compares a 2x2 mesh with too.
 
 
 @pytest.fixture(scope="module")
@@ -52,42 +44,42 @@ def grad_norms(run: Path) -> torch.Tensor:
     return torch.tensor([e.value for e in acc.Scalars("train/grad_norm")])
 
 
-def test_two_ranks_train_the_same_model_as_one(single, sharded):
-    torch.testing.assert_close(torch.tensor(summary(sharded)["losses"]), torch.tensor(summary(single)["losses"]),
-                               rtol=1e-5, atol=1e-5)
+def test_two_ranks_train_the_same_model_as_one(full_one_process, sharded):
+    torch.testing.assert_close(torch.tensor(summary(sharded)["losses"]),
+                               torch.tensor(summary(full_one_process)["losses"]), rtol=1e-5, atol=1e-5)
     # Adam and clipping hide a gradient off by a constant factor; the logged norm does not.
     # FSDP2 averages sharded gradients by default, which would halve it on 2 ranks.
-    torch.testing.assert_close(grad_norms(sharded), grad_norms(single), rtol=1e-5, atol=1e-6)
-    ref = weights(single)
+    torch.testing.assert_close(grad_norms(sharded), grad_norms(full_one_process), rtol=1e-5, atol=1e-6)
+    ref = weights(full_one_process)
     for key, value in weights(sharded).items():
         torch.testing.assert_close(value, ref[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_every_weight_trains(single):
-    s = summary(single)
+def test_every_weight_trains(full_one_process):
+    s = summary(full_one_process)
     assert s["trainable_params"] == s["total_params"] and s["adapter"] == "full"
     assert s["final_loss"] < s["initial_loss"]
-    assert not (single / "adapter").exists()
-    base = load_file(str(single / "base_model" / "model.safetensors"))
-    trained = weights(single)
+    assert not (full_one_process / "adapter").exists()
+    base = load_file(str(full_one_process / "base_model" / "model.safetensors"))
+    trained = weights(full_one_process)
     assert set(trained) == set(base)
     for key, value in trained.items():  # norms and embeddings included
         assert value.dtype == base[key].dtype and value.shape == base[key].shape
         assert not torch.equal(value, base[key]), f"{key} did not change"
 
 
-def test_export_is_the_trained_model_in_transformers(single):
+def test_export_is_the_trained_model_in_transformers(full_one_process):
     # The reference: our torchtune model holding the final checkpoint's tensors as they were
     # trained (torchtune layout, read straight from DCP); transformers loads the export.
-    ckpt = single / "checkpoints" / "step_000008"
-    model = build_decoder(read_hf_config(single / "base_model"))
+    ckpt = full_one_process / "checkpoints" / "step_000008"
+    model = build_decoder(read_hf_config(full_one_process / "base_model"))
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     toks = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.eval()(toks)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(single / "merged", dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(full_one_process / "merged", dtype=torch.float32).eval()
         theirs = hf(toks).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
@@ -109,34 +101,30 @@ def test_resume_from_the_middle_reproduces_the_run(sharded, session_tmp):
         torch.testing.assert_close(value, ref[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
-def export_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pmss_dist.cli.export", *args],
-                          capture_output=True, text=True, timeout=300)
+def test_export_tool_on_an_unfinished_full_run(full_one_process, session_tmp, capsys):
+    from pmss_dist.cli.export import main as export  # the tool, in this process
 
-
-def test_export_tool_on_an_unfinished_full_run(single, session_tmp):
     out = session_tmp / "full-unfinished"
-    shutil.copytree(single, out)
+    shutil.copytree(full_one_process, out)
     shutil.rmtree(out / "merged")
     (out / "summary.json").unlink()
     (out / "config.json").unlink()
-    proc = export_tool("--run", str(out), "--out", str(out / "exported"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "exporting its checkpoint step_000008" in proc.stderr
-    assert (out / "exported" / "model.safetensors").read_bytes() == (single / "merged" / "model.safetensors").read_bytes()
-    proc = export_tool("--run", str(single), "--out", str(out / "peft"), "--peft")
-    assert proc.returncode == 1 and "is a full fine-tuning run (adapter.kind: full): it has no adapter" in proc.stderr
+    assert export(["--run", str(out), "--out", str(out / "exported")]) == 0
+    assert "exporting its checkpoint step_000008" in capsys.readouterr().err
+    assert (out / "exported" / "model.safetensors").read_bytes() == \
+        (full_one_process / "merged" / "model.safetensors").read_bytes()
+    assert export(["--run", str(full_one_process), "--out", str(out / "peft"), "--peft"]) == 1
+    assert "is a full fine-tuning run (adapter.kind: full): it has no adapter" in capsys.readouterr().err
 
 
-def test_export_full_refuses_what_is_not_its_checkpoint(single, session_tmp):
-    adapter_run = session_tmp / "full-vs-pmss"
-    run_job(1, [*FAST, "max_steps=2", f"output_dir={adapter_run}"])
+def test_export_full_refuses_what_is_not_its_checkpoint(full_one_process, one_process_probe, session_tmp):
+    adapter_run = one_process_probe["out"]  # a PMSS run of the session, its final checkpoint
     with pytest.raises(ExportError, match="is a checkpoint of a pmss run, not of full fine-tuning"):
-        export_full(adapter_run / "checkpoints" / "step_000002", adapter_run / "base_model", session_tmp / "x")
-    ckpt = single / "checkpoints" / "step_000008"
+        export_full(adapter_run / "checkpoints" / "step_000008", adapter_run / "base_model", session_tmp / "x")
+    ckpt = full_one_process / "checkpoints" / "step_000008"
     # A base it was not trained on: refused by fingerprint, and (check skipped) by its tensors.
     other = session_tmp / "full-other-base"
-    shutil.copytree(single / "base_model", other)
+    shutil.copytree(full_one_process / "base_model", other)
     base = load_file(str(other / "model.safetensors"))
     save_file({**base, "model.layers.0.self_attn.q_proj.bias": torch.zeros(128)}, str(other / "model.safetensors"))
     with pytest.raises(ExportError, match="was trained on a base with fingerprint"):
@@ -158,7 +146,7 @@ def test_tied_base_keeps_its_lm_head_copy_and_derived_tensors(session_tmp):
                     "model.layers.0.self_attn.rotary_emb.inv_freq": inv_freq})
     save_file(tensors, str(base / "model.safetensors"))
     out = session_tmp / "full-tied"
-    run_job(1, [*FULL, "max_steps=2", f"model.path={base}", f"output_dir={out}"])
+    run_direct([*FULL, "max_steps=2", f"model.path={base}", f"output_dir={out}"], check=True)
     exported = weights(out)
     assert not torch.equal(exported["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
     assert torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])
