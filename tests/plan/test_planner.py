@@ -1,24 +1,32 @@
 """pmss-plan as a user meets it: bad input fails before any work with the numbers named; the plan
 of a one-process run reports the parameter bytes the config's model has; a 405B config on 1024
-ranks finishes on this machine. The measured comparison with real runs is in test_validation.py."""
+ranks finishes on this machine; a deep model's step extrapolated from two shallow ones equals the
+step at its own depth. The measured comparison with real runs is in test_validation.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
+import torch
 
 from conftest import REPO, TINY_CONFIG
 from pmss_dist.adapters.quantize import nf4_scaler_block
 from pmss_dist.cli.plan import main
-from pmss_dist.config import ConfigError, ParallelConfig
+from pmss_dist.config import ConfigError, ParallelConfig, check_world_size, load_config
 from pmss_dist.models.builtin import TINY_CONFIG as TINY_MODEL
 from pmss_dist.parallel.mesh import resolve_dp_shape
-from pmss_dist.plan.comms import Collective
-from pmss_dist.plan.planner import valid_dp_shards
+from pmss_dist.models.sliding_window import attention_windows
+from pmss_dist.plan.comms import Collective, step_volume
+from pmss_dist.plan.fake import fake_world, meta_model
+from pmss_dist.plan.planner import SAMPLED_DEPTHS, Setting, _Context, _sampled_depths, valid_dp_shards
+from pmss_dist.plan.probe import StepProfile
+from pmss_dist.plan.timing import Cluster
 from pmss_dist.plan.shapes import KNOWN_CONFIGS
 
 CONFIG_405B = REPO / "configs" / "llama3_1_405b.yaml"
@@ -132,6 +140,7 @@ def test_405b_on_1024_ranks_finishes_here(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(out.read_text())
     assert plan["cluster"]["nodes"] * plan["cluster"]["gpus_per_node"] == 1024
+    assert plan["sampled_depths"] == list(SAMPLED_DEPTHS)  # 126 alike blocks: stepped at two small depths
     shape = KNOWN_CONFIGS["Llama-3.1-405B"]
     frozen = 2 * llama_parameters(shape)  # bf16
     measured = [r for r in plan["rows"] if r["source"] == "measured"]
@@ -148,3 +157,61 @@ def test_405b_on_1024_ranks_finishes_here(tmp_path):
         # the cores' gradients cross nodes once per step: their all-reduce over all 1024 ranks
         assert r["payload_bytes"]["all_reduce/inter"] >= r["trained_bytes"]
     assert plan["recommendation"]
+
+
+# -- depth sampling: a deep model's fake step from two shallow ones (planner.SAMPLED_DEPTHS)
+
+DEEP = 11  # deeper than the two sampled depths together, odd: the middle blocks do not pair up
+SMALL_STEP = ["data.seq_len=64", "data.micro_batch_size=2", "data.batch_size=32"]
+
+
+def gemma2_config(window: int) -> dict:
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install -e .[test])")
+    return transformers.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, num_hidden_layers=DEEP,
+                                     sliding_window=window, architectures=["Gemma2ForCausalLM"]).to_dict()
+
+
+def steps_at_both_depths(hf_config: dict, overrides: list[str], setting: Setting) -> tuple[StepProfile, StepProfile]:
+    """(the step extrapolated from SAMPLED_DEPTHS, the step at the model's own depth) on 2 nodes of 4."""
+    cfg = load_config(TINY_CONFIG, [*SMALL_STEP, *overrides])
+    cluster = Cluster(nodes=2, gpus_per_node=4, gpu_memory_gib=1, peak_tflops=100, intra_gbps=100, inter_gbps=10,
+                      mfu=0.5, headroom=0.1)
+    with fake_world(cluster.world_size):
+        ctx = _Context(cfg, hf_config, cluster, check_world_size(cfg, cluster.world_size))
+        ctx.depths = SAMPLED_DEPTHS
+        sampled = ctx.probe(setting)
+        assert ctx.depths == SAMPLED_DEPTHS  # extrapolated, not fallen back to the full depth
+        return sampled, ctx._probe(setting, hf_config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,overrides,setting", [
+    # LoRA under full AC: the shallow steps peak in the loss head, the deep one in the backward
+    ("llama", ["adapter.kind=lora"], Setting(4, True, "full")),
+    ("llama", [], Setting(4, False, "selective")),  # every block kept gathered from forward to backward
+    ("llama", ["adapter.kind=full"], Setting(4, True, "none")),  # HSDP: 2 copies of 4 shards
+    ("llama", ["data.packed=true"], Setting(1, None, "none")),  # a replicated base, no FSDP
+    ("gemma2", [], Setting(8, True, "selective")),  # windows as long as the sequence: layers alike
+])
+def test_a_deep_step_extrapolated_from_two_shallow_ones_equals_it(model, overrides, setting):
+    hf_config = {**TINY_MODEL, "num_hidden_layers": DEEP} if model == "llama" else gemma2_config(window=64)
+    sampled, full = steps_at_both_depths(hf_config, overrides, setting)
+    for f in fields(StepProfile):
+        value = getattr(full, f.name)
+        if isinstance(value, (int, float)):
+            assert getattr(sampled, f.name) == pytest.approx(value, rel=1e-12), f.name
+    assert (sampled.peak_bytes, sampled.peak_breakdown) == (full.peak_bytes, full.peak_breakdown)
+    volumes = [step_volume(p.micro_collectives, p.step_collectives, 2, 4) for p in (sampled, full)]
+    assert volumes[0].payload.keys() == volumes[1].payload.keys()
+    for key, payload in volumes[1].payload.items():
+        assert math.isclose(volumes[0].payload[key], payload, rel_tol=1e-12), key
+    assert sum(volumes[1].payload.values()) > 0
+
+
+def test_layers_with_a_window_shorter_than_the_sequence_are_planned_at_full_depth():
+    for window, sampled in ((64, SAMPLED_DEPTHS), (16, None)):  # data.seq_len=64 below
+        model = meta_model(gemma2_config(window), adapter=None, mesh=None, dtype=torch.float32,
+                           parallel=ParallelConfig(), max_seq_len=64)
+        assert _sampled_depths(DEEP, attention_windows(model), seq_len=64) == sampled
+    assert _sampled_depths(sum(SAMPLED_DEPTHS), [None] * sum(SAMPLED_DEPTHS), seq_len=64) is None  # no time saved

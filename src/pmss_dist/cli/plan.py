@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-config", default=None, help="the model's config.json, when model.path has none")
     parser.add_argument("--json", default=None, help="also write the whole plan as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--full-depth", action="store_true",
+                        help="run the fake steps at the model's own depth, not at two small depths extrapolated")
     args = parser.parse_args(argv)
 
     from pmss_dist.plan.planner import plan
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
                           mfu=args.mfu, headroom=args.headroom)
         progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
         result = plan(cfg, hf_config, cluster, model_name=Path(cfg.model.path).name, model_source=source,
-                      progress=progress)
+                      progress=progress, full_depth=args.full_depth)
     except ConfigError as err:
         print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -56,6 +56,13 @@ def add_sliding_windows(model: TransformerDecoder, windows: list[int | None]) ->
             layer.attn.register_forward_pre_hook(partial(_apply_window, window), with_kwargs=True)
 
 
+def attention_windows(model: TransformerDecoder) -> list[int | None]:
+    """The window `add_sliding_windows` gave each layer of ``model`` (``None``: full attention);
+    wrappers (activation checkpointing, FSDP2) pass the attribute through."""
+    return [next((h.args[0] for h in layer.attn._forward_pre_hooks.values()
+                  if isinstance(h, partial) and h.func is _apply_window), None) for layer in model.layers]
+
+
 def layer_windows(hf_config: dict, window: int | None, default_sliding: list[bool]) -> list[int | None]:
     """Each layer's window: ``window`` for the layers that config.json's ``layer_types``
     (transformers 5.x files) calls ``sliding_attention``, or without it for ``default_sliding``

@@ -16,6 +16,13 @@ What is measured and what is derived:
   Full fine-tuning measures on a mesh with at least two copies when there is one, so that the
   all-reduce between copies (HSDP) is in the record.
 
+A deep model's fake steps run at two small depths (`SAMPLED_DEPTHS` blocks) and are extrapolated
+to its own (`probe.at_depth`): its blocks are alike, so every byte, FLOP and collective a step
+counts is an affine function of the depth, and the two shallow steps cost a few blocks each where
+the real depth costs up to 126 (tests/plan/test_planner.py compares the two on whole models).
+Models whose layers differ (sliding windows shorter than the sequence in some layers) and
+``full_depth`` run at their own depth.
+
 The recommendation is the setting with the shortest predicted step among those whose peak fits in
 the GPU's memory less the headroom; steps within 1% of each other tie, and then the fewest bytes
 sent, the least recompute and the smallest peak decide.
@@ -36,11 +43,12 @@ from pmss_dist.adapters.quantize import gathered_bytes
 from pmss_dist.adapters.layers import FULL, count_parameters
 from pmss_dist.build import parameter_bytes
 from pmss_dist.config import AC_MODES, ConfigError, ParallelConfig, TrainConfig, adapter_spec, check_world_size
+from pmss_dist.models.sliding_window import attention_windows
 from pmss_dist.parallel.mesh import REPLICATE, SHARD, resolve_dp_shape
 from pmss_dist.parallel.parallelize import resolve_reshard_after_forward
 from pmss_dist.plan.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, Collective, CommVolume, step_volume
 from pmss_dist.plan.fake import fake_mesh, fake_model, fake_world, mesh_groups, meta_model
-from pmss_dist.plan.probe import StepProfile, local_bytes, profile_step
+from pmss_dist.plan.probe import StepProfile, at_depth, local_bytes, profile_step
 from pmss_dist.plan.timing import Cluster, StepTime, step_time
 from pmss_dist.train.metrics import flops_per_token
 
@@ -49,6 +57,10 @@ AC_ORDER = ("none", "selective", "full")
 assert set(AC_ORDER) == set(AC_MODES)
 # The fake process group has no limit; this is the scale the planner is tested and timed at.
 MAX_WORLD_SIZE = 1024
+# The depths a deep model's fake steps run at: the first and the last block are in both, and
+# the blocks between them differ by two. Only deeper models than their sum are sampled: for
+# them the two steps together cost fewer blocks than one at the model's depth.
+SAMPLED_DEPTHS = (4, 6)
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class Plan:
     rows: list[Row]
     recommended: Row | None
     seconds: float  # the planner's own time
+    sampled_depths: tuple[int, int] | None  # the depths fake steps ran at, when not the model's own
 
     def row(self, setting: Setting) -> Row | None:
         return next((r for r in self.rows if r.setting == setting), None)
@@ -126,6 +139,7 @@ class _Context:
     def __init__(self, cfg: TrainConfig, hf_config: dict, cluster: Cluster, grad_accum: int):
         a = cfg.adapter
         self.cfg, self.hf_config, self.cluster, self.grad_accum = cfg, hf_config, cluster, grad_accum
+        self.depths: tuple[int, int] | None = None  # set by `plan` for a model whose steps are sampled
         self.spec = adapter_spec(cfg)
         self.full = a.kind == FULL
         self.dtype = getattr(torch, cfg.model.dtype)
@@ -145,13 +159,22 @@ class _Context:
                     parallel=self.parallel(setting), max_seq_len=self.cfg.data.seq_len)
 
     def probe(self, setting: Setting) -> StepProfile:
+        if self.depths is not None:
+            shallow, deep = (self._probe(setting, _with_depth(self.hf_config, d)) for d in self.depths)
+            extrapolated = at_depth(shallow, deep, self.depths, self.hf_config["num_hidden_layers"])
+            if extrapolated is not None:
+                return extrapolated
+            self.depths = None  # blocks not alike after all: this and every later step at full depth
+        return self._probe(setting, self.hf_config)
+
+    def _probe(self, setting: Setting, hf_config: dict) -> StepProfile:
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        model = fake_model(self.hf_config, fake_mode=fake_mode, **self.build_args(setting))
+        model = fake_model(hf_config, fake_mode=fake_mode, **self.build_args(setting))
         o, d = self.cfg.optim, self.cfg.data
         profile = profile_step(model, fake_mode=fake_mode,
                                optim_args=dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay),
                                micro_batch=d.micro_batch_size, seq_len=d.seq_len,
-                               vocab_size=self.hf_config["vocab_size"], packed=d.packed, grad_accum=self.grad_accum,
+                               vocab_size=hf_config["vocab_size"], packed=d.packed, grad_accum=self.grad_accum,
                                grad_clip=o.grad_clip, groups=mesh_groups(self.mesh(setting.dp_shard)))
         del model
         gc.collect()
@@ -181,8 +204,9 @@ class _Context:
 
 
 def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str, model_source: str,
-         progress=None) -> Plan:
-    """Plan ``cfg`` (a loaded run config) for the model ``hf_config`` on ``cluster``."""
+         progress=None, full_depth: bool = False) -> Plan:
+    """Plan ``cfg`` (a loaded run config) for the model ``hf_config`` on ``cluster``; with
+    ``full_depth``, every fake step at the model's own depth (never sampled)."""
     started = time.perf_counter()
     _check_cluster(cluster)
     world, g = cluster.world_size, cluster.gpus_per_node
@@ -199,6 +223,8 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
     with fake_world(world):
         whole = meta_model(hf_config, **ctx.build_args(Setting(1, True, "none")))
         counts, peft_flops = count_parameters(whole), flops_per_token(whole, hf_config, cfg.data.seq_len)
+        if not full_depth:
+            ctx.depths = _sampled_depths(hf_config["num_hidden_layers"], attention_windows(whole), cfg.data.seq_len)
         del whole
         shards = {s: ctx.shards(s) for s in candidates}
         groups = {s: ctx.groups(s) for s in candidates}
@@ -239,7 +265,25 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
                 dtype=cfg.model.dtype, total_params=counts["total"], trainable_params=counts["trainable"],
                 parameter_bytes=total_bytes, seq_len=d.seq_len, micro_batch=d.micro_batch_size, grad_accum=grad_accum,
                 global_batch=d.batch_size, peft_flops_per_token=peft_flops, config_setting=config_setting,
-                main_dp_shard=main, rows=rows, recommended=recommended, seconds=time.perf_counter() - started)
+                main_dp_shard=main, rows=rows, recommended=recommended, seconds=time.perf_counter() - started,
+                sampled_depths=ctx.depths if measured else None)
+
+
+def _sampled_depths(num_layers: int, windows: list[int | None], seq_len: int) -> tuple[int, int] | None:
+    """`SAMPLED_DEPTHS` where they save time and the blocks are alike; ``None``: the full depth.
+    A window shorter than the sequence makes its layers' masks (`models.sliding_window`), so
+    layers with and without one differ."""
+    if num_layers <= sum(SAMPLED_DEPTHS) or any(w is not None and w < seq_len for w in windows):
+        return None
+    return SAMPLED_DEPTHS
+
+
+def _with_depth(hf_config: dict, depth: int) -> dict:
+    """The same model ``depth`` blocks deep (config.json's per-layer ``layer_types`` cut to it)."""
+    shallow = {**hf_config, "num_hidden_layers": depth}
+    if "layer_types" in hf_config:
+        shallow["layer_types"] = hf_config["layer_types"][:depth]
+    return shallow
 
 
 # Predicted step times within this fraction of the fastest count as equal: the model cannot tell them

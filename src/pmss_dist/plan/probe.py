@@ -20,12 +20,16 @@ planner keeps a headroom for them). Collectives are recorded by
 
 from __future__ import annotations
 
+import re
 import weakref
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,25 +77,135 @@ class StepProfile:
     buffer_bytes: int  # RoPE caches, skeleton indices
     activation_bytes: int  # tensors the forward leaves for backward, logits not included
     logits_bytes: int  # the most the loss head holds at once: logits and their fp32 copies
-    gathered_at_peak: int  # unsharded parameters and all-gather buffers at the peak
-    peak_bytes: int  # live tensor bytes at the step's peak
-    peak_breakdown: dict[str, int]  # the tracker's categories at the peak
+    window_peaks: dict[tuple, dict[str, int]]  # `Windows.peaks`: each window's peak, by category and "Total"
     flops: float  # executed FLOPs of one micro-batch (forward, backward, recompute)
     micro_collectives: list[Collective] = field(default_factory=list)  # one micro-batch's
     step_collectives: list[Collective] = field(default_factory=list)  # the step's tail, once
 
+    @property
+    def _at_peak(self) -> dict[str, int]:
+        return max(self.window_peaks.values(), key=lambda snapshot: snapshot["Total"])
 
-class PeakOnlyFSDPMemTracker(FSDPMemTracker):
-    """torch's `FSDPMemTracker`, keeping the rank's peak but not each module's: its per-module
-    peaks walk every tracked module at every op, a cost that grows with the square of the depth
-    (minutes for a 126-layer model). Everything else — which tensors are live, in which category,
-    and FSDP2's storage resizes — is torch's."""
+    @property
+    def peak_bytes(self) -> int:  # live tensor bytes at the step's peak (the largest window's)
+        return self._at_peak["Total"]
+
+    @property
+    def peak_breakdown(self) -> dict[str, int]:  # the tracker's categories at the peak
+        return {k: v for k, v in self._at_peak.items() if k != "Total" and v}
+
+    @property
+    def gathered_at_peak(self) -> int:  # unsharded parameters and all-gather buffers at the peak
+        return sum(self._at_peak.get(k, 0) for k in GATHERED)
+
+
+class Windows:
+    """The peak of live bytes in each window of a step, keyed so that a key means the same window
+    at every depth: ``(phase, "block", j)`` for the ``j``-th block from the start and ``(phase,
+    "block", -1 - j)`` for the ``j``-th from the end (``j < EDGE_BLOCKS``), ``(phase, "middle")``
+    for the blocks between, ``(phase, "before")`` / ``(phase, "after")`` outside the blocks, and
+    ``("tail",)`` for the step's tail; ``phase`` is "forward" or "backward" (`ModTracker`'s).
+
+    Why windows (`at_depth`): the step's peak is the largest of its windows' peaks, each an affine
+    function of the depth with a slope of its own, so the peak of a shallow step can sit in another
+    window than the deep one's. Extrapolated window by window, the maximum is taken at the depth
+    asked for. A middle window's peak is affine in its position among alike blocks, so at any
+    depth the largest is at an end of the middle run, no more than the edge windows beside it."""
+
+    EDGE_BLOCKS = 2
+    # A block's own name: its children's may not say which block runs (torchtune's RoPE module is
+    # one module shared by every layer, named after the last).
+    _BLOCK = re.compile(r"\.layers\.(\d+)$")
+
+    def __init__(self, mod_tracker: ModTracker, depth: int):
+        self.mod_tracker, self.depth = mod_tracker, depth
+        self.tail = False
+        self.entered: set[str] = set()  # the phases whose blocks have started
+        self.peaks: dict[tuple, dict[str, int]] = {}
+
+    def key(self) -> tuple:
+        if self.tail:
+            return ("tail",)
+        phase = "backward" if self.mod_tracker.is_bw else "forward"
+        blocks = {int(m.group(1)) for m in map(self._BLOCK.search, self.mod_tracker.parents) if m}
+        if not blocks:
+            return (phase, "after" if phase in self.entered else "before")
+        self.entered.add(phase)
+        # The block running is the one entered last: in the backward (which runs the blocks last to
+        # first) ModTracker can leave a finished block among the parents, where a child of it had
+        # no gradient to mark its end.
+        block = min(blocks) if phase == "backward" else max(blocks)
+        if block < self.EDGE_BLOCKS:
+            return (phase, "block", block)
+        if block >= self.depth - self.EDGE_BLOCKS:
+            return (phase, "block", block - self.depth)
+        return (phase, "middle")
+
+    def update(self, snapshot: dict[str, int]) -> None:
+        """``snapshot``: the live bytes now, by category and "Total"."""
+        key = self.key()
+        if snapshot["Total"] > self.peaks.get(key, {"Total": -1})["Total"]:
+            self.peaks[key] = dict(snapshot)
+
+
+def at_depth(shallow: StepProfile, deep: StepProfile, depths: tuple[int, int], depth: int) -> StepProfile | None:
+    """The step of the same model ``depth`` blocks deep, from its steps at ``depths`` (shallow,
+    deep): every measure extrapolated as an affine function of the depth, which it is when every
+    block adds the same tensors, FLOPs and collectives. Collectives are extrapolated per kind and
+    group, in number and in total payload (what `comms.step_volume` sums); ``None`` where a
+    number of calls does not come out whole, i.e. the blocks are not alike."""
+    d1, d2 = depths
+    t = Fraction(depth - d1, d2 - d1)
+
+    def at(a, b):
+        return a + (b - a) * t
+
+    def calls(a: list[Collective], b: list[Collective]) -> list[Collective] | None:
+        counts = [defaultdict(int), defaultdict(int)]
+        payloads = [defaultdict(int), defaultdict(int)]
+        for i, recorded in enumerate((a, b)):
+            for c in recorded:
+                counts[i][c.kind, c.ranks] += 1
+                payloads[i][c.kind, c.ranks] += c.payload
+        out = []
+        for key in counts[0].keys() | counts[1].keys():
+            n, payload = at(counts[0][key], counts[1][key]), round(at(payloads[0][key], payloads[1][key]))
+            if n.denominator != 1 or n < 0 or payload < 0:
+                return None
+            n = int(n)
+            out += [Collective(key[0], payload // n + (i < payload % n), key[1]) for i in range(n)]
+        return out
+
+    micro = calls(shallow.micro_collectives, deep.micro_collectives)
+    step = calls(shallow.step_collectives, deep.step_collectives)
+    if micro is None or step is None:
+        return None
+    windows = {}
+    for key in shallow.window_peaks.keys() | deep.window_peaks.keys():
+        if key[-1] == "middle":
+            continue  # no larger than the edge blocks' (`Windows`)
+        if key not in shallow.window_peaks or key not in deep.window_peaks:
+            return None
+        a, b = shallow.window_peaks[key], deep.window_peaks[key]
+        windows[key] = {k: round(at(a.get(k, 0), b.get(k, 0))) for k in a.keys() | b.keys()}
+    scalars = {f.name: at(getattr(shallow, f.name), getattr(deep, f.name)) for f in fields(StepProfile)
+               if isinstance(getattr(shallow, f.name), (int, float))}
+    scalars = {k: round(v) if isinstance(getattr(shallow, k), int) else float(v) for k, v in scalars.items()}
+    return replace(deep, **scalars, window_peaks=windows, micro_collectives=micro, step_collectives=step)
+
+
+class WindowedFSDPMemTracker(FSDPMemTracker):
+    """torch's `FSDPMemTracker`, keeping the peak of each of the step's `Windows` instead of each
+    module's: its per-module peaks walk every tracked module at every op, a cost that grows with
+    the square of the depth (minutes for a 126-layer model). Everything else — which tensors are
+    live, in which category, and FSDP2's storage resizes — is torch's."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, depth: int):
+        super().__init__(model, optimizer)
+        self.windows = Windows(self._mod_tracker, depth)
 
     def _update_peak_stats(self, peak_state) -> None:
-        for device, snapshot in self._curr_mem_snap.items():
-            if self._peak_mem.get(device, 0) < snapshot["Total"]:
-                self._peak_mem[device] = snapshot["Total"]
-                self._peak_mem_snap[device] = dict(snapshot)
+        self.windows.update(named(self._curr_mem_snap[FAKE_DEVICE]))
 
 
 class FlopCount(TorchDispatchMode):
@@ -148,12 +262,21 @@ class WholeModelTracker(TorchDispatchMode):
     Tensors that exist before the step are registered with `track`; every storage the step
     creates is counted under the current ``category`` until it is freed."""
 
-    def __init__(self):
+    def __init__(self, depth: int):
         super().__init__()
         self.category = "Activation"
         self.live: dict[str, int] = {}
-        self.peak: dict[str, int] = {}
         self._seen = WeakIdKeyDictionary()
+        self._mod_tracker = ModTracker()
+        self.windows = Windows(self._mod_tracker, depth)
+
+    def __enter__(self):
+        self._mod_tracker.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._mod_tracker.__exit__(*exc)
 
     def track(self, category: str, tensors) -> None:
         for t in tensors:
@@ -167,8 +290,7 @@ class WholeModelTracker(TorchDispatchMode):
         self._seen[storage] = size
         self.live[category] = self.live.get(category, 0) + size
         weakref.finalize(storage, self._free, category, size)
-        if sum(self.live.values()) > sum(self.peak.values()):
-            self.peak = dict(self.live)
+        self.windows.update({**self.live, "Total": sum(self.live.values())})
 
     def _free(self, category: str, size: int) -> None:
         self.live[category] -= size
@@ -182,9 +304,8 @@ class WholeModelTracker(TorchDispatchMode):
                 self._add(t.untyped_storage(), self.category)
         return out
 
-    def get_tracker_snapshot(self, kind: str = "current") -> dict:
-        values = dict(self.peak if kind == "peak" else self.live)
-        return {FAKE_DEVICE: {**values, "Total": sum(values.values())}}
+    def get_tracker_snapshot(self) -> dict:
+        return {FAKE_DEVICE: {**self.live, "Total": sum(self.live.values())}}
 
 
 def synthetic_batch(micro_batch: int, seq_len: int, vocab_size: int, packed: bool) -> dict[str, torch.Tensor]:
@@ -209,7 +330,8 @@ def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_b
         _steady_state(params, optimizer, grad_accum)
         batch = {k: fake_mode.from_tensor(v) for k, v in batch.items()}
         sharded = isinstance(model, FSDPModule)
-        tracker = PeakOnlyFSDPMemTracker(model, optimizer) if sharded else WholeModelTracker()
+        depth = len(model.layers)
+        tracker = WindowedFSDPMemTracker(model, optimizer, depth) if sharded else WholeModelTracker(depth)
         if not sharded:
             tracker.track("Parameter", model.parameters())
             tracker.track("Buffer", model.buffers())
@@ -235,11 +357,14 @@ def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_b
                 micro_end = recorder.mark()
                 grad_bytes = local_bytes(p.grad for p in params)
                 _set_category(tracker, "Gradient")
+                tracker.windows.tail = True
                 _step_tail(params, replicated, optimizer, loss.detach(), grad_clip, tracker)
         finally:
             hook.remove()
-        peak = named(tracker.get_tracker_snapshot("peak")[FAKE_DEVICE])
-        breakdown = {k: v for k, v in peak.items() if k != "Total" and v}
+        windows = tracker.windows.peaks
+        if untracked:
+            windows = {key: {**w, "Replicated Param": untracked, "Total": w["Total"] + untracked}
+                       for key, w in windows.items()}
         frozen = [p for p in model.parameters() if not p.requires_grad]
         optimizer_bytes = local_bytes(t for state in optimizer.state.values() for t in state.values()
                                       if isinstance(t, torch.Tensor))
@@ -247,8 +372,7 @@ def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_b
             frozen_bytes=local_bytes(frozen), trained_bytes=local_bytes(params), grad_bytes=grad_bytes,
             optimizer_bytes=optimizer_bytes, buffer_bytes=local_bytes(model.buffers()),
             activation_bytes=sum(at_forward_end.get(k, 0) for k in ACTIVATION) - at_forward_end["output"],
-            logits_bytes=vocab.peak, gathered_at_peak=sum(peak.get(k, 0) for k in GATHERED),
-            peak_bytes=peak["Total"] + untracked, peak_breakdown=breakdown, flops=float(flops.flops),
+            logits_bytes=vocab.peak, window_peaks=windows, flops=float(flops.flops),
             micro_collectives=recorder.calls[:micro_end], step_collectives=recorder.calls[micro_end:])
 
 

@@ -59,7 +59,9 @@ def render(plan: Plan) -> str:
            f"{plan.peft_flops_per_token / 1e9:.3g} GFLOP per token (train.metrics)",
            f"assumptions: peak {c.peak_tflops:g} TFLOP/s per GPU at mfu {c.mfu:g}; links {c.intra_gbps:g} Gb/s within a "
            f"node, {c.inter_gbps:g} Gb/s between nodes, per GPU; fits = peak <= {gib(c.usable_bytes)} GiB "
-           f"({c.headroom:.0%} of the GPU kept for CUDA, NCCL and allocator rounding); compile off in the fake step",
+           f"({c.headroom:.0%} of the GPU kept for CUDA, NCCL and allocator rounding); compile off in the fake step"
+           + (f"; fake steps at {plan.sampled_depths[0]} and {plan.sampled_depths[1]} blocks, extrapolated to the "
+              "model's depth (--full-depth: at its own)" if plan.sampled_depths else ""),
            f"the config as written resolves to: {plan.config_setting.overrides()}"]
     config_row = plan.row(plan.config_setting)
     if config_row is not None:
