@@ -127,6 +127,9 @@ def test_plan_counts_a_quantized_base_as_stored(tmp_path, capsys, fmt):
     expected = 4 * (llama_parameters(c) - c["num_hidden_layers"] * dense) + c["num_hidden_layers"] * stored
     for r in plan["rows"]:
         assert r["frozen_bytes"] == expected
+        # the fake step's tracker counts them as stored too (not as the dense size an NF4 weight's
+        # wrapper reports): at the peak, the parameters are the frozen and the trained bytes
+        assert r["peak_breakdown"]["Parameter"] == expected + r["trained_bytes"]
 
 
 @pytest.mark.slow

@@ -281,7 +281,10 @@ class WholeModelTracker(TorchDispatchMode):
     def track(self, category: str, tensors) -> None:
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                self._add(t.untyped_storage(), category)
+                # an NF4 weight (or a view of one) by the codes and scales it holds: its own
+                # storage is a wrapper's, sized as if it were dense
+                for stored in stored_tensors(t):
+                    self._add(stored.untyped_storage(), category)
 
     def _add(self, storage, category: str) -> None:
         if storage in self._seen:
@@ -299,9 +302,7 @@ class WholeModelTracker(TorchDispatchMode):
         if any(t is DTensor for t in types):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._add(t.untyped_storage(), self.category)
+        self.track(self.category, tree_flatten(out)[0])
         return out
 
     def get_tracker_snapshot(self) -> dict:
