@@ -5,7 +5,7 @@ Each cell is one `pmss-plan` run (its JSON kept in --out, reused when present, s
 stopped and resumed). The configs are the shipped ones (seq 1024, their micro-batch); the global
 batch is the config's 64 sequences or one micro-batch per GPU, whichever is larger.
 
-    python bench/scale_table.py --out docs/results/scale        # ~1-2 hours on 2 CPU cores
+    python bench/scale_table.py --out docs/results/scale        # ~25 min on 2 busy CPU cores
 """
 
 from __future__ import annotations
