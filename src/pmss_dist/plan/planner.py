@@ -57,9 +57,10 @@ AC_ORDER = ("none", "selective", "full")
 assert set(AC_ORDER) == set(AC_MODES)
 # The fake process group has no limit; this is the scale the planner is tested and timed at.
 MAX_WORLD_SIZE = 1024
-# The depths a deep model's fake steps run at: the first and the last block are in both, and
-# the blocks between them differ by two. Only deeper models than their sum are sampled: for
-# them the two steps together cost fewer blocks than one at the model's depth.
+# The depths a deep model's fake steps run at: each at least 2 x probe.Windows.EDGE_BLOCKS, so
+# that every window of the first and last blocks is in both (`at_depth` declines otherwise).
+# Only deeper models than their sum are sampled: for them the two steps together cost fewer
+# blocks than one at the model's depth.
 SAMPLED_DEPTHS = (4, 6)
 
 
