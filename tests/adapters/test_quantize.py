@@ -9,8 +9,8 @@ import torch
 from torchao.dtypes.nf4tensor import to_nf4
 
 from pmss_dist.adapters.layers import AdapterSpec, LoRALinear, PMSSLinear, apply_adapters
-from pmss_dist.adapters.quantize import (NF4_BLOCK, check_quantizable, int8_rows, nf4_rows, nf4_scale_mean,
-                                         nf4_scaler_block, tensor_bytes)
+from pmss_dist.adapters.quantize import (NF4_BLOCK, check_quantizable, int8_rows, nf4_dense, nf4_rows,
+                                         nf4_scale_mean, nf4_scaler_block, tensor_bytes)
 from pmss_dist.build import build_model
 from pmss_dist.config import ConfigError, load_config
 from pmss_dist.models.builtin import TINY_CONFIG
@@ -36,6 +36,18 @@ def test_nf4_rows_are_torchaos_whole_tensor_quantization_row_by_row(dtype, shard
         got = nf4_rows(rows, whole.scaler_mean, nf4_scaler_block(tuple(w.shape)))
         for name in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"):
             assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(512, 128), (576, 576)])  # scaler blocks of 256, and SmolLM2's 216
+def test_nf4_dense_is_torchaos_dequantization_bit_for_bit(dtype, shape):
+    w = weight(*shape, dtype=dtype) * torch.linspace(0.1, 10, shape[1]).to(dtype)  # scales spread wide
+    q = to_nf4(w, NF4_BLOCK, nf4_scaler_block(shape))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        expected = q.to(out_dtype)  # torchao's NF4Tensor.get_original_weight, cast
+        got = nf4_dense(q, out_dtype)
+        assert got.dtype == out_dtype and got.shape == w.shape
+        assert torch.equal(got, expected)
 
 
 def test_nf4_scaler_block_is_torchaos_where_it_divides_and_the_largest_divisor_elsewhere():

@@ -167,12 +167,27 @@ def _nf4_class():
     return NF4Tensor
 
 
+def nf4_dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's ``NF4Tensor.to(dtype)``, bit for bit, at about half its cost on CPU: each byte
+    of codes picks its two levels from one 256-row table in a single gather, where torchao splits
+    the byte and gathers twice through two int64 index tensors. The products are the same
+    (level × block scale, in the tensor's dtype), so the result is identical."""
+    levels = weight.nf4
+    pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)  # byte b: levels b>>4, b&15
+    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                       weight.scaler_block_size)
+    values = pairs[weight.quantized_data.int()].view(-1, weight.block_size) * scales[:, None]
+    return values.view(weight.shape).to(dtype)
+
+
 def dequantize(fmt: str, stored: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
     """The dense weight in ``dtype`` from the tensors `fmt` stores it in (none: the weight itself)."""
     if fmt == "int8":
         codes, scale = stored
         return codes.to(dtype) * scale.to(dtype)[:, None]
-    return stored[0].to(dtype)  # NF4Tensor.to(dtype) dequantizes
+    if fmt == "nf4":
+        return nf4_dense(stored[0], dtype)
+    return stored[0].to(dtype)
 
 
 class _QuantizedBaseLinear(torch.autograd.Function):
