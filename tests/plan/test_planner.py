@@ -132,6 +132,22 @@ def test_plan_counts_a_quantized_base_as_stored(tmp_path, capsys, fmt):
         assert r["peak_breakdown"]["Parameter"] == expected + r["trained_bytes"]
 
 
+def test_a_mesh_nf4_cannot_split_is_not_planned_and_refused_when_the_config_asks_for_it(tmp_path, capsys):
+    # The tiny model's 128x128 projections are one NF4 double-quantization block (16384 weights),
+    # so NF4 cannot split them over 2 ranks: a 2-GPU plan has the replicated base only, and says why.
+    out = tmp_path / "plan.json"
+    args = ["--config", str(TINY_CONFIG), "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory-gib", "1"]
+    why = "model.quantize=nf4: layer layers.0.attn.q_proj (128x128) cannot be split over dp_shard=2"
+    assert main([*args, "--json", str(out), "model.quantize=nf4", "parallel.dp_shard=1"]) == 0
+    plan = json.loads(out.read_text())
+    assert {r["setting"]["dp_shard"] for r in plan["rows"]} == {1}
+    assert plan["main_dp_shard"] == 1 and list(plan["unsplittable"]) == ["2"]
+    assert f"not planned: dp_shard=2, {why}" in capsys.readouterr().out
+    # the config's own mesh: refused before any work, as the trainer's build refuses it
+    assert main([*args, "--quiet", "model.quantize=nf4", "parallel.dp_shard=2"]) == 2
+    assert why in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_405b_on_1024_ranks_finishes_here(tmp_path):
     """A smoke test: its time budget is its timeout. One micro-batch of one sequence per rank."""

@@ -133,10 +133,6 @@ def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-# The tensors of an NF4Tensor that FSDP2 shards and all-gathers (its other two are constants).
-NF4_SHARDED = ("quantized_data", "quantized_scalers", "quantization_factor")
-
-
 def stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors a (local, not DTensor) tensor is stored in: an NF4Tensor's codes, scales
     and constants; any other tensor itself."""
@@ -149,16 +145,6 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a (local, not DTensor) tensor takes: an NF4Tensor's codes, scales and constants,
     not the dense size its dtype suggests."""
     return sum(t.numel() * t.element_size() for t in stored_tensors(tensor))
-
-
-def gathered_bytes(shard: torch.Tensor, compute_dtype: torch.dtype) -> int:
-    """Bytes FSDP2's all-gather sends of a rank's ``shard`` (local): NF4's codes and scales, an
-    integer weight as stored, a floating one cast to ``compute_dtype`` (its mixed precision)."""
-    if isinstance(shard, _nf4_class()):
-        return sum(tensor_bytes(getattr(shard, name)) for name in NF4_SHARDED)
-    if shard.is_floating_point():
-        return shard.numel() * torch.empty((), dtype=compute_dtype).element_size()
-    return shard.numel() * shard.element_size()
 
 
 def _nf4_class():

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor
 
-from pmss_dist.adapters.quantize import gathered_bytes
-from pmss_dist.adapters.layers import FULL, count_parameters
+from pmss_dist.adapters.layers import FULL, adapter_layers, count_parameters
+from pmss_dist.adapters.quantize import check_quantizable, tensor_bytes
 from pmss_dist.build import parameter_bytes
 from pmss_dist.config import AC_MODES, ConfigError, ParallelConfig, TrainConfig, adapter_spec, check_world_size
 from pmss_dist.models.sliding_window import attention_windows
@@ -122,6 +122,7 @@ class Plan:
     recommended: Row | None
     seconds: float  # the planner's own time
     sampled_depths: tuple[int, int] | None  # the depths fake steps ran at, when not the model's own
+    unsplittable: dict[int, str]  # dp_shard -> why the quantized base cannot be sharded that way (not planned)
 
     def row(self, setting: Setting) -> Row | None:
         return next((r for r in self.rows if r.setting == setting), None)
@@ -192,7 +193,7 @@ class _Context:
         # too), a quantized base as stored
         return {"frozen": local_bytes(p for p in params if not p.requires_grad),
                 "trained": local_bytes(p for p in params if p.requires_grad),
-                "gathered": sum(gathered_bytes(p.to_local(), self.dtype) for p in sharded) * dp_shard}
+                "gathered": sum(_gathered_bytes(p, self.dtype) for p in sharded) * dp_shard}
 
     def groups(self, dp_shard: int) -> dict[str, tuple[int, ...]]:
         """Rank 0's groups on ``dp_shard``'s mesh, by role."""
@@ -223,6 +224,10 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
 
     with fake_world(world):
         whole = meta_model(hf_config, **ctx.build_args(Setting(1, True, "none")))
+        unsplittable = {s: why for s in candidates if (why := _split_refusal(whole, ctx.spec.quantize, s))}
+        if shard in unsplittable:
+            raise ConfigError(unsplittable[shard])  # the config's own mesh: its run would be refused the same way
+        candidates = [s for s in candidates if s not in unsplittable]
         counts, peft_flops = count_parameters(whole), flops_per_token(whole, hf_config, cfg.data.seq_len)
         if not full_depth:
             ctx.depths = _sampled_depths(hf_config["num_hidden_layers"], attention_windows(whole), cfg.data.seq_len)
@@ -267,7 +272,18 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
                 parameter_bytes=total_bytes, seq_len=d.seq_len, micro_batch=d.micro_batch_size, grad_accum=grad_accum,
                 global_batch=d.batch_size, peft_flops_per_token=peft_flops, config_setting=config_setting,
                 main_dp_shard=main, rows=rows, recommended=recommended, seconds=time.perf_counter() - started,
-                sampled_depths=ctx.depths if measured else None)
+                sampled_depths=ctx.depths if measured else None, unsplittable=unsplittable)
+
+
+def _split_refusal(model: torch.nn.Module, fmt: str, dp_shard: int) -> str | None:
+    """Why ``model``'s adapted weights cannot be stored as ``fmt`` in ``dp_shard`` row blocks (the
+    build's own refusal), or None."""
+    for name, layer in adapter_layers(model).items():
+        try:
+            check_quantizable(name, (layer.out_features, layer.in_features), fmt, dp_shard)
+        except ConfigError as e:
+            return str(e)
+    return None
 
 
 def _sampled_depths(num_layers: int, windows: list[int | None], seq_len: int) -> tuple[int, int] | None:
@@ -324,7 +340,7 @@ def _main_dp_shard(resolved: int, candidates: list[int], gpus_per_node: int, wor
     measures the largest mesh with two copies instead, so that HSDP's all-reduce between copies
     is in the record. Where the parameters alone do not fit on that mesh, the smallest mesh on
     which they do (so that every setting that can fit is planned from a measured step)."""
-    main = resolved if resolved > 1 or world == 1 else min(gpus_per_node, world)
+    main = resolved if resolved > 1 or world == 1 else max(s for s in candidates if s <= min(gpus_per_node, world))
     if full and main == world and world > 1:
         main = max(s for s in candidates if s < world)
     if not fits[main]:
@@ -336,6 +352,19 @@ def _reshard_policies(dp_shard: int, full: bool) -> tuple:
     if dp_shard == 1 and not full:
         return (None,)  # nothing is sharded: no policy to choose
     return (True, False)
+
+
+def _gathered_bytes(param: DTensor, compute_dtype: torch.dtype) -> int:
+    """Bytes FSDP2's all-gather sends of this rank's shard of ``param`` (a DTensor): what a tensor
+    subclass's own all-gather extension hands FSDP2 (NF4: its codes and scales), an integer
+    weight as stored, a floating one cast to ``compute_dtype`` (its mixed precision)."""
+    shard = param.to_local()
+    if hasattr(shard, "fsdp_pre_all_gather"):
+        sent, _ = shard.fsdp_pre_all_gather(param.device_mesh[SHARD])
+        return sum(tensor_bytes(t) for t in sent)
+    if shard.is_floating_point():
+        return shard.numel() * torch.empty((), dtype=compute_dtype).element_size()
+    return shard.numel() * shard.element_size()
 
 
 def _parameter_floor(shards: dict, gathered: bool = False) -> int:

@@ -67,6 +67,7 @@ def render(plan: Plan) -> str:
     if config_row is not None:
         out.append(f"  -> peak {gib(config_row.peak)} GiB, {'fits' if config_row.fits else 'DOES NOT FIT'}"
                    + (f", {_speed(config_row)[1]} tokens/s" if config_row.time else ""))
+    out += [f"not planned: dp_shard={s}, {why}" for s, why in plan.unsplittable.items()]
     unit, unit_name = (GIB, "GiB") if max(r.peak for r in plan.rows) >= GIB else (2**20, "MiB")
     out += ["", f"## Memory per rank ({unit_name}) and collectives per step (intra / inter-node payload)", ""]
     headers = ["dp_shard", "reshard", "AC", "frozen shards", "gathered at peak", "cores+grads+AdamW", "activations",
