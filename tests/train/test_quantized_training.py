@@ -1,6 +1,7 @@
 """Training on a quantized frozen base (``model.quantize: nf4 | int8``): every mesh trains the
 one-process model, each rank holds its share of the quantized bytes, the skeletons are those of
-the unquantized model, the merged export folds the cores into the original weights, and a
+the unquantized model, the merged export folds the cores into the original weights (or, with
+``--as-trained``, into the weights as the run stored them: the trained model itself), and a
 resume across formats is refused."""
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from safetensors.torch import load_file
 from torchtune.models.convert_weights import tune_to_hf
 
 from conftest import FAST, probe, run_direct, run_job
-from pmss_dist.adapters.layers import merge_adapters
+from pmss_dist.adapters.io import load_adapter_state, read_adapter
+from pmss_dist.adapters.layers import AdapterSpec, merge_adapters
+from pmss_dist.build import build_model
+from pmss_dist.cli.export import main as export_main
 from pmss_dist.eval.model import load_eval_model
+from pmss_dist.hf.load import read_hf_config
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.train.run_dir import RunDir
 
@@ -105,6 +110,30 @@ def test_merged_export_folds_the_cores_into_the_original_weights(runs, fmt):
     tokens = torch.randint(0, hf_config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_as_trained_export_is_the_model_the_run_trained(runs, tmp_path, fmt):
+    run, base = RunDir(runs["root"] / fmt), runs["base"]
+    out = tmp_path / "as_trained"
+    assert export_main(["--run", str(run.root), "--out", str(out), "--as-trained"]) == 0
+    # The reference: the trainer's own model, its base quantized as it loads, the run's cores on it.
+    state, meta = read_adapter(run.adapter)
+    spec = AdapterSpec(meta["kind"], tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), fmt)
+    model = build_model(read_hf_config(base), adapter=spec, mesh=None, device=torch.device("cpu"),
+                        dtype=torch.float32, weights=base)
+    load_adapter_state(model, state)
+    model.eval()
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    tokens = torch.randint(0, hf_model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
+    # Only the adapted weights differ from the default export, which merges into the original ones.
+    as_trained, merged = load_file(str(out / "model.safetensors")), load_file(str(run.merged / "model.safetensors"))
+    assert sum(not torch.equal(as_trained[k], merged[k]) for k in merged) == 2 * 7
+    # A run on the original weights has nothing to export as trained: refused, named.
+    assert export_main(["--run", str(runs["root"] / "none"), "--out", str(tmp_path / "x"), "--as-trained"]) == 1
 
 
 def test_resuming_a_checkpoint_in_another_format_is_refused_with_the_reason(runs, tmp_path):

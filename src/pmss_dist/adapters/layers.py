@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from pmss_dist.adapters.quantize import (QUANTIZE_FORMATS, check_quantizable, dequantize, empty_nf4, frozen_linear,
-                                         int8_rows, nf4_rows, nf4_scale_mean, nf4_scaler_block)
+                                         quantize_rows)
 
 # HF projection names (what users write in configs) -> torchtune module names.
 TARGET_ALIASES = {
@@ -123,19 +123,15 @@ class AdapterLinear(nn.Module):
         tensor's scale mean)."""
         local = [t.to_local() if isinstance(t, DTensor) else t for t in self.stored_weight()]
         rows = rows.to(device=local[0].device, dtype=self.dtype)
+        stored = quantize_rows(self.quantize, rows, (self.out_features, self.in_features), group)
         if self.quantize == "nf4":
             # Tensor by tensor: an FSDP2 shard keeps the whole tensor's block count, which
             # NF4Tensor.copy_ would take for a different format.
-            quantized = nf4_rows(rows, nf4_scale_mean(rows, group),
-                                 nf4_scaler_block((self.out_features, self.in_features)))
-            for name in quantized.__tensor_flatten__()[0]:
-                getattr(local[0], name).copy_(getattr(quantized, name))
-        elif self.quantize == "int8":
-            codes, scale = int8_rows(rows)
-            local[0].copy_(codes)
-            local[1].copy_(scale)
+            for name in stored[0].__tensor_flatten__()[0]:
+                getattr(local[0], name).copy_(getattr(stored[0], name))
         else:
-            local[0].copy_(rows)
+            for target, value in zip(local, stored):
+                target.copy_(value)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` with update ``scale · left @ right``, in `merge_dtype` of the weight."""

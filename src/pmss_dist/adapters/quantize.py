@@ -166,6 +166,22 @@ def nf4_dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values.view(weight.shape).to(dtype)
 
 
+def quantize_rows(fmt: str, rows: torch.Tensor, shape: tuple[int, int], group=None) -> tuple[torch.Tensor, ...]:
+    """``rows`` (a rank's whole rows of a weight of ``shape``, in the layer's dtype) as ``fmt``
+    stores them: nf4 ``(NF4Tensor,)``, int8 ``(codes, scale)``, none ``(rows,)``. ``group``: the
+    ranks holding the other rows (NF4 quantizes against the whole tensor's scale mean)."""
+    if fmt == "nf4":
+        return (nf4_rows(rows, nf4_scale_mean(rows, group), nf4_scaler_block(shape)),)
+    if fmt == "int8":
+        return int8_rows(rows)
+    return (rows,)
+
+
+def as_stored(fmt: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The whole ``weight`` as a layer of ``dtype`` stores it as ``fmt`` and computes with it."""
+    return dequantize(fmt, quantize_rows(fmt, weight.to(dtype), tuple(weight.shape)), dtype)
+
+
 def dequantize(fmt: str, stored: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
     """The dense weight in ``dtype`` from the tensors `fmt` stores it in (none: the weight itself)."""
     if fmt == "int8":

@@ -3,6 +3,7 @@
     pmss-export --run runs/tiny --out exports/tiny-merged
     pmss-export --run runs/tiny --out exports/tiny-peft --peft
     pmss-export --adapter runs/tiny/adapter --base ckpt/llama --out exports/merged
+    pmss-export --run runs/qlora --out exports/as-trained --as-trained   # a quantized base's run
 
 Merged: the base checkpoint with W + s·C·U·R (or W + s·B·A) folded into every adapted weight,
 in the base's file layout, index and dtypes, config and tokenizer files copied. Streams one
@@ -10,6 +11,12 @@ tensor at a time from the base files. PEFT: adapter_config.json + adapter_model.
 for ``PeftModel.from_pretrained(base, out)``; keep it in its own directory. A full fine-tuning
 run (``adapter.kind: full``) has no adapter: its newest checkpoint's weights are written in the
 base's layout instead, one base file at a time.
+
+A run on a quantized base (``model.quantize``) trained its update on the dequantized weights.
+Merged into the original weights (the default) the update meets weights it was not trained with;
+``--as-trained`` merges it into each adapted weight quantized and dequantized as the run stored
+it (skeletons cut from that), in the base's dtype: the model the run trained (docs/RESULTS.md
+compares the two on SmolLM2).
 """
 
 from __future__ import annotations
@@ -21,21 +28,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from pmss_dist.adapters.layers import FULL
-from pmss_dist.hf.export import export_full, export_merged, export_peft
+from pmss_dist.hf.export import TrainedBase, export_full, export_merged, export_peft
 from pmss_dist.train.checkpoint import CheckpointError, extract_adapter, newest_valid, read_record
 from pmss_dist.train.run_dir import RunDir
 
 
-def run_inputs(run_dir: RunDir, scratch: Path) -> tuple[Path, Path, bool]:
-    """``(weights, base_dir, full)`` of a run. An adapter run gives its final adapter when it
-    finished (summary.json is written last), else the adapter of its newest complete step
+def run_inputs(run_dir: RunDir, scratch: Path) -> tuple[Path, Path, bool, dict]:
+    """``(weights, base_dir, full, config)`` of a run. An adapter run gives its final adapter when
+    it finished (summary.json is written last), else the adapter of its newest complete step
     checkpoint, extracted to ``scratch``. A full fine-tuning run gives that checkpoint itself."""
     finished = run_dir.finished()
     if finished:
         config = run_dir.read_config()
         if config["adapter"]["kind"] != FULL and run_dir.adapter.is_dir():
-            return run_dir.adapter, run_dir.base_dir(config["model"]["path"]), False
+            return run_dir.adapter, run_dir.base_dir(config["model"]["path"]), False, config
     newest = newest_valid(run_dir.checkpoints)
     if newest is None:
         raise FileNotFoundError(f"{run_dir.root} is neither a finished run (summary.json, adapter/) nor has a "
@@ -47,8 +56,18 @@ def run_inputs(run_dir: RunDir, scratch: Path) -> tuple[Path, Path, bool]:
     if not finished:
         print(f"{run_dir.root} has not finished: exporting its checkpoint {newest.name}", file=sys.stderr, flush=True)
     if config["adapter"]["kind"] == FULL:
-        return newest, base_dir, True
-    return extract_adapter(newest, scratch / "adapter"), base_dir, False
+        return newest, base_dir, True, config
+    return extract_adapter(newest, scratch / "adapter"), base_dir, False, config
+
+
+def trained_base(config: dict, run: Path) -> TrainedBase:
+    """How the run stored its base, from its config; refused for a run on original weights."""
+    model = config["model"]
+    quantize = model.get("quantize", "none")
+    if quantize == "none":
+        raise ValueError(f"{run} trained on its base's original weights (model.quantize: none): "
+                         "its merged export is the model as trained; export it without --as-trained")
+    return TrainedBase(quantize, getattr(torch, model["dtype"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="base HF checkpoint directory (with --adapter)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
     parser.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter instead of merged weights")
+    parser.add_argument("--as-trained", action="store_true",
+                        help="a run on a quantized base (model.quantize nf4/int8): merge into each adapted "
+                             "weight as the run stored it (quantized, then dequantized to the base's dtype), "
+                             "the model as trained, instead of into the original weights")
     parser.add_argument("--skip-base-check", action="store_true",
                         help="merge even if the base's fingerprint differs from the one the adapter was "
                              "trained on (e.g. the base was re-saved in another dtype)")
@@ -72,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--adapter needs --base")
     if args.run is not None and args.base is not None:
         parser.error("--base goes with --adapter; a run names its own base")
+    if args.as_trained and (args.run is None or args.peft):
+        parser.error("--as-trained needs --run (its config says how the base was stored) and merged weights "
+                     "(not --peft)")
 
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="pmss-export-"))
     try:
-        weights, base_dir, full = run_inputs(RunDir(args.run), scratch) if args.run else (args.adapter, args.base, False)
+        weights, base_dir, full, config = (run_inputs(RunDir(args.run), scratch) if args.run
+                                           else (args.adapter, args.base, False, None))
+        as_trained = trained_base(config, args.run) if args.as_trained else None
         print(f"{'checkpoint' if full else 'adapter'} {weights}, base {base_dir}", file=sys.stderr, flush=True)
         if full:
             if args.peft:
@@ -86,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.peft:
             export_peft(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
         else:
-            export_merged(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+            export_merged(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check,
+                          as_trained=as_trained)
     except (FileNotFoundError, KeyError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

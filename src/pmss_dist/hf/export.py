@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from pmss_dist.adapters.io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
 from pmss_dist.adapters.layers import (ADAPTER_TENSORS, FULL, TARGET_ALIASES, lora_factors, merge_dtype, merge_update,
                                       pmss_factors, update_scale)
+from pmss_dist.adapters.quantize import as_stored
 from pmss_dist.files import atomic_write
 from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row_permutations, tune_key_to_hf,
                                tune_shapes)
@@ -127,16 +128,35 @@ class LayerUpdate:
         return merge_update(weight, self.scale * (left @ right))
 
 
-def _merge_into(updates: list[LayerUpdate]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _merge_into(updates: list[LayerUpdate], as_trained: TrainedBase | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A ``replace`` entry for `_write_replaced_file`: the HF tensor with each update merged into
-    its own rows; rows of a fused tensor that no update touches are copied unchanged."""
+    its own rows (into them as the run stored them, with ``as_trained``); rows of a fused tensor
+    that no update touches are copied unchanged."""
     def new_value(weight: torch.Tensor) -> torch.Tensor:
         out = weight.clone()  # safetensors hands out views of its memory map: never write into them
         for update in updates:
-            out[update.rows.start:update.rows.stop] = update.merged(update.block(weight))
+            block = update.block(weight)
+            if as_trained is not None:
+                block = as_trained.block(block, update.perm)
+            out[update.rows.start:update.rows.stop] = update.merged(block)
         return out
 
     return new_value
+
+
+@dataclass(frozen=True)
+class TrainedBase:
+    """How a run stored its frozen base: ``model.quantize`` and ``model.dtype``."""
+
+    quantize: str
+    dtype: torch.dtype
+
+    def block(self, weight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+        """A layer's HF block as the run computed with it: quantized in torchtune's row order
+        (``perm``: torchtune row t is HF row perm[t]), dequantized, in the block's dtype."""
+        tune = weight if perm is None else weight[perm]
+        stored = as_stored(self.quantize, tune, self.dtype).to(weight.dtype)
+        return stored if perm is None else torch.empty_like(stored).index_copy_(0, perm, stored)
 
 
 def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, LayerUpdate]]:
@@ -259,11 +279,14 @@ def _prepare_out_dir(out_dir: Path, base_dir: Path, paths: list[Path]) -> None:
 
 
 def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
-                  *, rank: int = 0, world_size: int = 1, check_base: bool = True) -> Path:
+                  *, rank: int = 0, world_size: int = 1, check_base: bool = True,
+                  as_trained: TrainedBase | None = None) -> Path:
     """Write ``base_dir`` with the adapter of ``adapter_dir`` folded in to ``out_dir``: same weight
     files, index, dtypes and key names as the base, config and tokenizer files copied, no adapter
-    files. With ``world_size > 1`` each rank writes every ``world_size``-th weight file and rank 0
-    the side files; call it on every rank, then barrier."""
+    files. The update goes into the original weights; with ``as_trained`` (a quantized run), into
+    each adapted weight as the run stored it, with the skeletons cut from that: the model as
+    trained. With ``world_size > 1`` each rank writes every ``world_size``-th weight file and
+    rank 0 the side files; call it on every rank, then barrier."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
     _check_out_dir(out_dir, base_dir, adapter_dir)
     _, updates, files = _load(adapter_dir, base_dir, check_base)
@@ -271,7 +294,7 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
     _prepare_out_dir(out_dir, base_dir, paths)
     by_file: dict[Path, dict] = {}
     for hf_key, group in _by_hf_key(updates).items():
-        by_file.setdefault(files[hf_key], {})[hf_key] = _merge_into(group)
+        by_file.setdefault(files[hf_key], {})[hf_key] = _merge_into(group, as_trained)
     mine = paths[rank::world_size]
     for i, path in enumerate(mine, 1):
         _write_replaced_file(path, out_dir / path.name, by_file.get(path, {}))
