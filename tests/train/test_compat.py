@@ -36,10 +36,15 @@ def test_old_checkpoint_resumes_like_an_uninterrupted_run(uninterrupted, tmp_pat
     shutil.copy(OLD / "selection.json", out / "selection.json")
     proc = run_direct([*SETTINGS, f"output_dir={out}"], check=True)
     assert "at step 2" in proc.stderr  # resumed from the old step checkpoint, did not start over
-    assert summary(out)["losses"] == summary(uninterrupted)["losses"]
+    # The fixture's first two steps ran on another machine, whose CPU kernels round the last bits
+    # differently (here: cores 2e-6 apart on an AVX-512 EPYC), so equal up to that, not bitwise.
+    # A resume that lost the optimizer state or restarted moves the cores by orders more.
+    torch.testing.assert_close(torch.tensor(summary(out)["losses"]), torch.tensor(summary(uninterrupted)["losses"]),
+                               rtol=1e-5, atol=0)
     ours, theirs = (load_file(str(d / "adapter" / "adapter.safetensors")) for d in (out, uninterrupted))
     assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_old_selection_file_is_reused(uninterrupted, tmp_path):
