@@ -5,8 +5,8 @@ model more than its error on generic weights would (docs/RESULTS.md, the NF4 sec
 
   python experiments/pmss_vs_lora/nf4_error.py runs/smollm2/base
 
-Q is the trainer's own NF4 (`adapters.quantize`: blocks of 64, double-quantized scales, whole
-tensor at once), in fp32. One process, one weight in memory at a time.
+Q is the trainer's own NF4 round trip (`adapters.quantize.as_stored`: blocks of 64,
+double-quantized scales, whole tensor at once), in fp32. One process, one weight in memory at a time.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pmss_dist.adapters.quantize import nf4_dense, nf4_rows, nf4_scale_mean, nf4_scaler_block
+from pmss_dist.adapters.quantize import as_stored
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def nf4_relative_error(weight: torch.Tensor) -> float:
-    stored = nf4_rows(weight, nf4_scale_mean(weight), nf4_scaler_block(tuple(weight.shape)))
-    return ((nf4_dense(stored, torch.float32) - weight).norm() / weight.norm()).item()
+    return ((as_stored("nf4", weight, torch.float32) - weight).norm() / weight.norm()).item()
 
 
 def main(argv: list[str] | None = None) -> int:
