@@ -39,8 +39,8 @@ from pmss_dist.adapters.layers import (ADAPTER_TENSORS, FULL, TARGET_ALIASES, lo
                                       pmss_factors, update_scale)
 from pmss_dist.adapters.quantize import as_stored
 from pmss_dist.files import atomic_write
-from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row_permutations, tune_key_to_hf,
-                               tune_shapes)
+from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row_permutations, to_hf_rows,
+                               tune_key_to_hf, tune_shapes)
 from pmss_dist.hf.load import (INDEX_FILE, check_base_fingerprint, copy_side_files, open_safetensors,
                                read_hf_config, read_safetensors_header, weight_files)
 from pmss_dist.models import tied_embeddings
@@ -113,9 +113,7 @@ class LayerUpdate:
             rows = t["row_idx"] if self.perm is None else self.perm[t["row_idx"]]  # R = W_hf[perm[I], :]
             return pmss_factors(weight, t["core"], rows, t["col_idx"])
         b, a = lora_factors(t["lora_a"], t["lora_b"], merge_dtype(weight))
-        if self.perm is not None:
-            b = torch.empty_like(b).index_copy_(0, self.perm, b)  # HF row perm[t] <- torchtune row t
-        return b, a
+        return to_hf_rows(b, self.perm), a
 
     def block(self, weight: torch.Tensor) -> torch.Tensor:
         """This layer's rows of the HF tensor ``weight`` (all of them unless it is fused)."""
@@ -155,8 +153,7 @@ class TrainedBase:
         """A layer's HF block as the run computed with it: quantized in torchtune's row order
         (``perm``: torchtune row t is HF row perm[t]), dequantized, in the block's dtype."""
         tune = weight if perm is None else weight[perm]
-        stored = as_stored(self.quantize, tune, self.dtype).to(weight.dtype)
-        return stored if perm is None else torch.empty_like(stored).index_copy_(0, perm, stored)
+        return to_hf_rows(as_stored(self.quantize, tune, self.dtype).to(weight.dtype), perm)
 
 
 def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, LayerUpdate]]:
@@ -371,8 +368,7 @@ def _trained_weight(hf_key: str, parts: list[tuple[torch.Tensor, torch.Tensor | 
     permutations), each in HF row order and stacked by rows if the HF tensor is fused, cast to the
     base tensor's dtype after checking that the result has the base tensor's shape."""
     def new_value(base: torch.Tensor) -> torch.Tensor:
-        # Built when written, one tensor at a time. HF row perm[t] <- torchtune row t.
-        value = torch.cat([t if perm is None else torch.empty_like(t).index_copy_(0, perm, t) for t, perm in parts])
+        value = torch.cat([to_hf_rows(t, perm) for t, perm in parts])  # built when written, one at a time
         if value.shape != base.shape:
             raise ExportError(f"trained {hf_key} has shape {tuple(value.shape)}, {where} has "
                               f"{tuple(base.shape)}: the checkpoint belongs to another base model")

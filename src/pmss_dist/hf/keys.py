@@ -118,6 +118,12 @@ def permutation_for(tune_key: str, perms: dict[str, torch.Tensor]) -> torch.Tens
     return perms.get(parts[-2]) if len(parts) >= 2 and parts[-1] == "weight" else None
 
 
+def to_hf_rows(rows: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """A tensor in torchtune's row order back in HF's (HF row ``perm[t]`` <- torchtune row ``t``);
+    ``perm=None``: the rows as they are."""
+    return rows if perm is None else torch.empty_like(rows).index_copy_(0, perm, rows)
+
+
 def match_keys(tune_shapes: Mapping[str, Sequence[int]], files: dict[str, Path], hf_config: dict,
                ckpt_dir: Path) -> dict[str, HFRows]:
     """``{torchtune name: HFRows}`` for every base parameter (name -> whole shape); fails naming the
