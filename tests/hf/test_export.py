@@ -22,10 +22,18 @@ from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.hf.load import base_fingerprint
 from pmss_dist.config import TrainConfig, to_dict
 from pmss_dist.hf.load import weight_files
-from pmss_dist.hf.export import ExportError, export_merged, export_peft
+from pmss_dist.hf.export import EXPORT_RECORD, ExportError, export_merged, export_peft
 from test_load import make_hf_checkpoint, our_model, run_tool, tokens
 
 transformers = pytest.importorskip("transformers", reason="the HF tests need transformers (pip install -e .[test])")
+
+
+def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF checkpoint directory, single-file or sharded."""
+    out = {}
+    for path in sorted(set(weight_files(directory).values())):
+        out.update(load_file(str(path)))
+    return out
 
 
 def write_tokenizer(ckpt_dir: Path, vocab_size: int) -> None:
@@ -92,7 +100,8 @@ def assert_same_layout_and_untouched_tensors(base: Path, out: Path, adapted: set
     base_files = weight_files(base)
     assert weight_files(out) == {k: out / p.name for k, p in base_files.items()}
     base_names = {p.name for p in base.iterdir()}
-    assert {p.name for p in out.iterdir()} == base_names - {"adapter.json", "adapter.safetensors"}
+    # the base's files, and the record of what made the export
+    assert {p.name for p in out.iterdir()} == (base_names - {"adapter.json", "adapter.safetensors"}) | {EXPORT_RECORD}
     for name in base_names:
         if not name.endswith(".safetensors"):
             assert (out / name).read_bytes() == (base / name).read_bytes(), name
@@ -214,19 +223,20 @@ def test_ranks_split_the_files(llama_run, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["pmss", "lora"])
-def test_peft_adapter_is_the_same_update(llama_run, tmp_path, kind):
-    """Without peft: the PEFT file's (alpha/r)·B·A is exactly merged − base, in HF layout."""
+def test_peft_adapter_is_the_same_update(llama_run, tmp_path, capsys, kind):
+    """Without peft: the PEFT file's B·A is exactly merged − base, in HF layout: the adapter's
+    scale is in B, PEFT's (alpha / r) is 1, no patterns; the export says how vLLM serves it."""
     base, out = llama_run["base"], tmp_path / "peft"
     export_peft(llama_run[kind], base, out)
+    assert "export_peft: vLLM serves this adapter (rank 4) with --max-lora-rank 8" in capsys.readouterr().err
     export_merged(llama_run[kind], base, tmp_path / "merged", progress=False)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4
-    assert config["lora_alpha"] == (4 if kind == "pmss" else 8.0)
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 4
+    assert config["rank_pattern"] == config["alpha_pattern"] == {}
     assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     lora = load_file(str(out / "adapter_model.safetensors"))
     assert len(lora) == 2 * 2 * 7
-    scaling = config["lora_alpha"] / config["r"]
     for hf_key, path in weight_files(base).items():
         module = hf_key.removesuffix(".weight")
         a_key = f"base_model.model.{module}.lora_A.weight"
@@ -237,7 +247,7 @@ def test_peft_adapter_is_the_same_update(llama_run, tmp_path, kind):
             continue
         a, b = lora[a_key], lora[f"base_model.model.{module}.lora_B.weight"]
         assert a.shape[0] == 4 and b.shape[1] == 4 and a.dtype == b.dtype == torch.float32
-        torch.testing.assert_close(scaling * b @ a, delta, rtol=1e-4, atol=1e-6, msg=hf_key)
+        torch.testing.assert_close(b @ a, delta, rtol=1e-4, atol=1e-6, msg=hf_key)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from test_load import FAMILIES, TINY, make_hf_checkpoint, our_model, run_tool  #
 from pmss_dist.adapters.io import save_adapter  # noqa: E402
 from pmss_dist.adapters.layers import AdapterSpec, apply_adapters, assign_skeletons, reset_adapters  # noqa: E402
 from pmss_dist.eval.model import load_eval_model  # noqa: E402
-from pmss_dist.hf.export import export_merged  # noqa: E402
+from pmss_dist.hf.export import EXPORT_RECORD, ORIGINAL_WEIGHTS, export_merged  # noqa: E402
 from pmss_dist.hf.load import base_fingerprint, read_hf_config  # noqa: E402
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE  # noqa: E402
 
@@ -88,6 +88,8 @@ def test_zero_adapter_export_is_byte_identical(tmp_path, family, sharded):
                                       "base_fingerprint": base_fingerprint(base)})
     export_merged(adapter_dir, base, out, progress=False)
     base_files, out_files = _files(base), _files(out)
+    record = json.loads(out_files.pop(EXPORT_RECORD))  # the one file the base has not: what made it
+    assert record["merged_into"] == ORIGINAL_WEIGHTS and record["adapter"] == str(adapter_dir.resolve())
     assert list(out_files) == list(base_files)
     changed = [name for name in base_files if out_files[name] != base_files[name]]
     assert not changed, f"{family}: export changed {changed}"

@@ -25,28 +25,25 @@ from torchtune.models.phi3._convert_weights import phi3_hf_to_tune, phi3_tune_to
 from conftest import FAST, REPO, free_port, run_job
 
 sys.path.insert(0, str(REPO / "tests" / "hf"))
-from test_export import assert_close_to_scale, logits_of, trained_adapter, transformers_logits  # noqa: E402
+from test_export import (assert_close_to_scale, hf_tensors, logits_of, trained_adapter,  # noqa: E402
+                         transformers_logits)
 from test_load import TINY, make_hf_checkpoint, our_model, tokens  # noqa: E402
 
 from pmss_dist.adapters.io import save_adapter  # noqa: E402
 from pmss_dist.hf.export import export_merged, export_peft  # noqa: E402
-from pmss_dist.hf.load import base_fingerprint, read_hf_config, weight_files  # noqa: E402
+from pmss_dist.hf.load import base_fingerprint, read_hf_config  # noqa: E402
 from pmss_dist.models import build_decoder  # noqa: E402
 
 QKV = {"q_proj": (0, 32), "k_proj": (32, 48), "v_proj": (48, 64)}
 GATE_UP = {"gate_proj": (0, 45), "up_proj": (45, 90)}
+# Each HF module the adapters target, with its projections' rows (o_proj and down_proj are unfused).
+MODULES = {"self_attn.qkv_proj": QKV, "mlp.gate_up_proj": GATE_UP, "self_attn.o_proj": {"o_proj": (0, 32)},
+           "mlp.down_proj": {"down_proj": (0, 32)}}
 # The torchtune layer of each HF projection name.
-TUNE = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "gate_proj": "mlp.w1",
-        "up_proj": "mlp.w3"}
+TUNE = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "o_proj": "attn.output_proj",
+        "gate_proj": "mlp.w1", "up_proj": "mlp.w3", "down_proj": "mlp.w2"}
 PARTIAL = ("q_proj", "v_proj", "o_proj", "up_proj")  # k and gate left out
 K = 4
-
-
-def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(set(weight_files(directory).values())):
-        out.update(load_file(str(path)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,33 +83,32 @@ def test_partial_targets_change_only_their_rows(phi_run):
 
 @pytest.mark.parametrize("name", ["pmss", "lora", "partial"])
 def test_peft_export_stacks_the_parts(phi_run, tmp_path, name):
-    """lora_A = the parts' A (PMSS: R = W_part[I, :]) stacked; lora_B = the parts' B (PMSS:
-    s·W_part[:, J]·U) block-diagonal, zero rows for a part not adapted; rank and alpha per
-    fused module through rank_pattern/alpha_pattern; (alpha/r)·B·A = merged − base."""
+    """lora_A = the parts' A (PMSS: R = W_part[I, :]) stacked; lora_B = the parts' s·B (PMSS:
+    s·W_part[:, J]·U) block-diagonal, zero rows for a part not adapted; every module padded with
+    zero rows of lora_A and zero columns of lora_B to one rank r, qkv_proj's (the largest), with
+    lora_alpha = r and no patterns; B·A = merged − base."""
     export_peft(phi_run[name], phi_run["base"], tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     lora = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     adapter = load_file(str(phi_run[name] / "adapter.safetensors"))
     base, merged = hf_tensors(phi_run["base"]), hf_tensors(phi_run[f"{name}_merged"])
-    expected = {  # (r, lora_alpha, rank_pattern, alpha_pattern, target_modules)
-        "pmss": (4, 4, {"gate_up_proj": 8, "qkv_proj": 12}, {"gate_up_proj": 8, "qkv_proj": 12},
-                 ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
-        "lora": (4, 8.0, {"gate_up_proj": 8, "qkv_proj": 12}, {"gate_up_proj": 16.0, "qkv_proj": 24.0},
-                 ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
-        "partial": (4, 4, {"qkv_proj": 8}, {"qkv_proj": 8}, ["gate_up_proj", "o_proj", "qkv_proj"]),
-    }[name]
+    r, modules = {"pmss": (3 * K, ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+                  "lora": (3 * K, ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+                  "partial": (2 * K, ["gate_up_proj", "o_proj", "qkv_proj"])}[name]  # partial: q, v of qkv
     got = (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"], config["target_modules"])
-    assert got == expected
-    targets = PARTIAL if name == "partial" else tuple(QKV) + tuple(GATE_UP)
-    scale = 8.0 / K  # the adapters' alpha / k
+    assert got == (r, r, {}, {}, modules)
+    targets = PARTIAL if name == "partial" else tuple(TUNE)
+    scale = 8.0 / K  # the adapters' alpha / k, in lora_B: PEFT's own scale is 1
     for layer in range(TINY["num_hidden_layers"]):
-        for module, blocks in (("self_attn.qkv_proj", QKV), ("mlp.gate_up_proj", GATE_UP)):
+        for module, blocks in MODULES.items():
             key = f"base_model.model.model.layers.{layer}.{module}"
-            a, b = lora[f"{key}.lora_A.weight"], lora[f"{key}.lora_B.weight"]
             adapted = [proj for proj in blocks if proj in targets]
-            rows = max(stop for _, stop in blocks.values())
-            assert a.shape == (K * len(adapted), TINY["hidden_size"]) and b.shape == (rows, K * len(adapted))
+            if not adapted:
+                assert f"{key}.lora_A.weight" not in lora
+                continue
+            a, b = lora[f"{key}.lora_A.weight"], lora[f"{key}.lora_B.weight"]
             weight = base[f"model.layers.{layer}.{module}.weight"]
+            assert a.shape == (r, weight.shape[1]) and b.shape == (weight.shape[0], r)
             col = 0
             for proj, (start, stop) in blocks.items():
                 if proj not in adapted:
@@ -121,7 +117,7 @@ def test_peft_export_stacks_the_parts(phi_run, tmp_path, name):
                 t = {attr: adapter[f"layers.{layer}.{TUNE[proj]}.{attr}"] for attr in
                      (("core", "row_idx", "col_idx") if name != "lora" else ("lora_a", "lora_b"))}
                 if name == "lora":
-                    want_a, want_b = t["lora_a"], t["lora_b"]
+                    want_a, want_b = t["lora_a"], scale * t["lora_b"]
                 else:
                     part = weight[start:stop]
                     want_a, want_b = part[t["row_idx"]], scale * part[:, t["col_idx"]] @ t["core"]
@@ -131,11 +127,9 @@ def test_peft_export_stacks_the_parts(phi_run, tmp_path, name):
                 off[col:col + K] = False
                 assert not b[start:stop, off].any(), f"{key}: {proj} rows outside its own columns"
                 col += K
-            short = module.split(".")[1]
-            peft_scale = (config["alpha_pattern"].get(short, config["lora_alpha"])
-                          / config["rank_pattern"].get(short, config["r"]))
+            assert not a[col:].any() and not b[:, col:].any(), f"{key}: padding past rank {col} is not zero"
             delta = merged[f"model.layers.{layer}.{module}.weight"] - weight
-            torch.testing.assert_close(peft_scale * b @ a, delta, rtol=1e-4, atol=1e-6, msg=key)
+            torch.testing.assert_close(b @ a, delta, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_index_outside_its_block_is_refused(phi_run, tmp_path):

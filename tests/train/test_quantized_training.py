@@ -1,8 +1,8 @@
 """Training on a quantized frozen base (``model.quantize: nf4 | int8``): every mesh trains the
 one-process model, each rank holds its share of the quantized bytes, the skeletons are those of
-the unquantized model, the merged export folds the cores into the original weights (or, with
-``--as-trained``, into the weights as the run stored them: the trained model itself), and a
-resume across formats is refused."""
+the unquantized model, the merged export folds the cores into the weights as the run stored
+them (the trained model itself; with ``--into-original-weights``, into the original weights), and
+a resume across formats is refused."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pmss_dist.adapters.layers import AdapterSpec, merge_adapters
 from pmss_dist.build import build_model
 from pmss_dist.cli.export import main as export_main
 from pmss_dist.eval.model import load_eval_model
+from pmss_dist.hf.export import EXPORT_RECORD, ORIGINAL_WEIGHTS
 from pmss_dist.hf.load import read_hf_config
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.train.run_dir import RunDir
@@ -89,34 +90,8 @@ def test_quantized_run_trains_near_the_unquantized_one(runs, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_merged_export_folds_the_cores_into_the_original_weights(runs, fmt):
+def test_merged_export_is_the_model_the_run_trained(runs, fmt):
     run, base = RunDir(runs["root"] / fmt), runs["base"]
-    # The reference: the unquantized base with the run's adapter, merged in memory, as HF keys.
-    model = merge_adapters(load_eval_model(base, run.adapter, device=torch.device("cpu")))
-    hf_config = json.loads((base / "config.json").read_text())
-    expected = tune_to_hf(model.state_dict(), num_heads=hf_config["num_attention_heads"],
-                          num_kv_heads=hf_config["num_key_value_heads"], dim=hf_config["hidden_size"])
-    exported = load_file(str(run.merged / "model.safetensors"))
-    original = load_file(str(base / "model.safetensors"))
-    assert set(exported) == set(expected) == set(original)
-    changed = 0
-    for key, value in exported.items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
-        changed += not torch.equal(value, original[key])
-    assert changed == 2 * 7  # every adapted projection, and nothing else
-
-    transformers = pytest.importorskip("transformers")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(run.merged, torch_dtype=torch.float32)
-    tokens = torch.randint(0, hf_config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(hf_model(tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_as_trained_export_is_the_model_the_run_trained(runs, tmp_path, fmt):
-    run, base = RunDir(runs["root"] / fmt), runs["base"]
-    out = tmp_path / "as_trained"
-    assert export_main(["--run", str(run.root), "--out", str(out), "--as-trained"]) == 0
     # The reference: the trainer's own model, its base quantized as it loads, the run's cores on it.
     state, meta = read_adapter(run.adapter)
     spec = AdapterSpec(meta["kind"], tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), fmt)
@@ -125,15 +100,46 @@ def test_as_trained_export_is_the_model_the_run_trained(runs, tmp_path, fmt):
     load_adapter_state(model, state)
     model.eval()
     transformers = pytest.importorskip("transformers")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(run.merged, torch_dtype=torch.float32)
     tokens = torch.randint(0, hf_model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
-    # Only the adapted weights differ from the default export, which merges into the original ones.
-    as_trained, merged = load_file(str(out / "model.safetensors")), load_file(str(run.merged / "model.safetensors"))
-    assert sum(not torch.equal(as_trained[k], merged[k]) for k in merged) == 2 * 7
-    # A run on the original weights has nothing to export as trained: refused, named.
-    assert export_main(["--run", str(runs["root"] / "none"), "--out", str(tmp_path / "x"), "--as-trained"]) == 1
+    # What the update went into is said by the run and by the export itself.
+    merged_into = f"the {fmt} base as trained, dequantized to float32"
+    assert run.read_summary()["merged_into"] == merged_into
+    assert json.loads((run.merged / EXPORT_RECORD).read_text())["merged_into"] == merged_into
+    # pmss-export makes the same files from the run
+    again = runs["root"] / f"{fmt}-again"
+    assert export_main(["--run", str(run.root), "--out", str(again)]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (run.merged / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_into_original_weights_folds_the_cores_into_the_original_weights(runs, tmp_path, fmt):
+    run, base = RunDir(runs["root"] / fmt), runs["base"]
+    out = tmp_path / "original"
+    assert export_main(["--run", str(run.root), "--out", str(out), "--into-original-weights"]) == 0
+    assert json.loads((out / EXPORT_RECORD).read_text())["merged_into"] == ORIGINAL_WEIGHTS
+    # The reference: the unquantized base with the run's adapter, merged in memory, as HF keys.
+    model = merge_adapters(load_eval_model(base, run.adapter, device=torch.device("cpu")))
+    hf_config = json.loads((base / "config.json").read_text())
+    expected = tune_to_hf(model.state_dict(), num_heads=hf_config["num_attention_heads"],
+                          num_kv_heads=hf_config["num_key_value_heads"], dim=hf_config["hidden_size"])
+    exported = load_file(str(out / "model.safetensors"))
+    original = load_file(str(base / "model.safetensors"))
+    assert set(exported) == set(expected) == set(original)
+    changed = 0
+    for key, value in exported.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
+        changed += not torch.equal(value, original[key])
+    assert changed == 2 * 7  # every adapted projection, and nothing else
+    # Only the adapted weights differ from the default export, which merges into the stored base.
+    as_trained = load_file(str(run.merged / "model.safetensors"))
+    assert sum(not torch.equal(as_trained[k], exported[k]) for k in exported) == 2 * 7
+    # A run on the original weights is merged into them already: the flag is refused, named.
+    assert export_main(["--run", str(runs["root"] / "none"), "--out", str(tmp_path / "x"),
+                        "--into-original-weights"]) == 1
 
 
 def test_resuming_a_checkpoint_in_another_format_is_refused_with_the_reason(runs, tmp_path):

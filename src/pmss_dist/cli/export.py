@@ -3,20 +3,21 @@
     pmss-export --run runs/tiny --out exports/tiny-merged
     pmss-export --run runs/tiny --out exports/tiny-peft --peft
     pmss-export --adapter runs/tiny/adapter --base ckpt/llama --out exports/merged
-    pmss-export --run runs/qlora --out exports/as-trained --as-trained   # a quantized base's run
+    pmss-export --run runs/qlora --out exports/original --into-original-weights   # a quantized base's run
 
 Merged: the base checkpoint with W + s·C·U·R (or W + s·B·A) folded into every adapted weight,
-in the base's file layout, index and dtypes, config and tokenizer files copied. Streams one
-tensor at a time from the base files. PEFT: adapter_config.json + adapter_model.safetensors
-for ``PeftModel.from_pretrained(base, out)``; keep it in its own directory. A full fine-tuning
-run (``adapter.kind: full``) has no adapter: its newest checkpoint's weights are written in the
-base's layout instead, one base file at a time.
+in the base's file layout, index and dtypes, config and tokenizer files copied, and
+``pmss_export.json`` saying what it was made from. Streams one tensor at a time from the base
+files. PEFT: adapter_config.json + adapter_model.safetensors for ``PeftModel.from_pretrained(base,
+out)``; keep it in its own directory. A full fine-tuning run (``adapter.kind: full``) has no
+adapter: its newest checkpoint's weights are written in the base's layout instead, one base file
+at a time.
 
-A run on a quantized base (``model.quantize``) trained its update on the dequantized weights.
-Merged into the original weights (the default) the update meets weights it was not trained with;
-``--as-trained`` merges it into each adapted weight quantized and dequantized as the run stored
-it (skeletons cut from that), in the base's dtype: the model the run trained (docs/RESULTS.md
-compares the two on SmolLM2).
+A run on a quantized base (``model.quantize``) trained its update on the dequantized weights. Its
+merged export is that model: the update merged into each adapted weight quantized and dequantized
+as the run stored it (skeletons cut from that), in the base's dtype. ``--into-original-weights``
+folds the update into the original weights instead, which the update was not trained with; on
+SmolLM2 that cost 8-16 points of exact match (docs/HF.md).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 from pmss_dist.adapters.layers import FULL
 from pmss_dist.hf.export import TrainedBase, export_full, export_merged, export_peft
@@ -60,14 +59,14 @@ def run_inputs(run_dir: RunDir, scratch: Path) -> tuple[Path, Path, bool, dict]:
     return extract_adapter(newest, scratch / "adapter"), base_dir, False, config
 
 
-def trained_base(config: dict, run: Path) -> TrainedBase:
-    """How the run stored its base, from its config; refused for a run on original weights."""
-    model = config["model"]
-    quantize = model.get("quantize", "none")
-    if quantize == "none":
-        raise ValueError(f"{run} trained on its base's original weights (model.quantize: none): "
-                         "its merged export is the model as trained; export it without --as-trained")
-    return TrainedBase(quantize, getattr(torch, model["dtype"]))
+def merge_base(config: dict | None, into_original: bool, run: Path | None) -> TrainedBase | None:
+    """What a merged export folds the update into: the base as the run stored it (quantized runs),
+    or the original weights (``--into-original-weights``, unquantized runs, a bare ``--adapter``)."""
+    as_trained = TrainedBase.of_run(config["model"]) if config is not None else None
+    if into_original and as_trained is None and run is not None:
+        raise ValueError(f"{run} trained on its base's original weights (model.quantize: none): its merged "
+                         "export is already merged into them; export it without --into-original-weights")
+    return None if into_original else as_trained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="base HF checkpoint directory (with --adapter)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
     parser.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter instead of merged weights")
-    parser.add_argument("--as-trained", action="store_true",
-                        help="a run on a quantized base (model.quantize nf4/int8): merge into each adapted "
-                             "weight as the run stored it (quantized, then dequantized to the base's dtype), "
-                             "the model as trained, instead of into the original weights")
+    parser.add_argument("--into-original-weights", action="store_true",
+                        help="a run on a quantized base (model.quantize nf4/int8): merge the update into the "
+                             "original weights instead of into the base as the run stored it (the default, the "
+                             "model as trained)")
     parser.add_argument("--skip-base-check", action="store_true",
                         help="merge even if the base's fingerprint differs from the one the adapter was "
                              "trained on (e.g. the base was re-saved in another dtype)")
@@ -95,16 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--adapter needs --base")
     if args.run is not None and args.base is not None:
         parser.error("--base goes with --adapter; a run names its own base")
-    if args.as_trained and (args.run is None or args.peft):
-        parser.error("--as-trained needs --run (its config says how the base was stored) and merged weights "
-                     "(not --peft)")
+    if args.into_original_weights and (args.run is None or args.peft):
+        parser.error("--into-original-weights needs --run (its config says how the base was stored) and merged "
+                     "weights (not --peft)")
 
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="pmss-export-"))
     try:
         weights, base_dir, full, config = (run_inputs(RunDir(args.run), scratch) if args.run
                                            else (args.adapter, args.base, False, None))
-        as_trained = trained_base(config, args.run) if args.as_trained else None
+        as_trained = merge_base(config, args.into_original_weights, args.run)
         print(f"{'checkpoint' if full else 'adapter'} {weights}, base {base_dir}", file=sys.stderr, flush=True)
         if full:
             if args.peft:
@@ -113,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             export_full(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
         elif args.peft:
             export_peft(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check)
+            if as_trained is not None:
+                print(f"note: this adapter was trained against {as_trained.describe()}; applied to the original "
+                      "weights it gives the --into-original-weights merge, not the model as trained",
+                      file=sys.stderr)
         else:
             export_merged(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check,
                           as_trained=as_trained)

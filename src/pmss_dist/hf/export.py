@@ -18,8 +18,10 @@ a fully fine-tuned q/k weight.
 Fused tensors (a family's ``FUSED``: Phi-3's ``qkv_proj`` = [q; k; v] by rows). Each torchtune
 weight is a row block of one HF tensor (`hf.keys.HFRows`); its update is computed from that block
 alone and written back into it, so the other blocks stay byte-identical. PEFT targets the fused
-module: ``lora_A`` stacks the parts' ``A`` (or ``R``) and ``lora_B`` puts each part's ``B`` (or
-``s·C·U``) in its own rows and columns (block-diagonal), a LoRA of rank k × (parts adapted).
+module: ``lora_A`` stacks the parts' ``A`` (or ``R``) and ``lora_B`` puts each part's ``s·B`` (or
+``s·C·U``) in its own rows and columns (block-diagonal), a LoRA of rank k × (parts adapted). The
+PEFT adapter has one rank for every module, the largest: the others are padded with zeros, since
+servers (vLLM, llama.cpp) read only the global ``r`` and ``lora_alpha``, never PEFT's patterns.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 # Adapter files of either format. None may sit beside merged weights: transformers (with peft
 # installed) applies an adapter_config.json it finds in a model directory, on top of the merge.
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META, PEFT_CONFIG, PEFT_WEIGHTS)
+# What a merged or full export was made from and, for an adapter, which base weights took its update.
+EXPORT_RECORD = "pmss_export.json"
+ORIGINAL_WEIGHTS = "the original weights"
 _PROJECTIONS = set(TARGET_ALIASES.values())
 _BASE_FIX = ("pass the original base (or skip this check if the base was only re-saved, e.g. in another "
              "dtype)")
@@ -148,6 +153,16 @@ class TrainedBase:
 
     quantize: str
     dtype: torch.dtype
+
+    @classmethod
+    def of_run(cls, model_config: dict) -> TrainedBase | None:
+        """The base a run with this ``model`` config section trained on; None when that is the
+        original weights (``model.quantize: none``)."""
+        quantize = model_config.get("quantize", "none")
+        return None if quantize == "none" else cls(quantize, getattr(torch, model_config["dtype"]))
+
+    def describe(self) -> str:
+        return f"the {self.quantize} base as trained, dequantized to {str(self.dtype).removeprefix('torch.')}"
 
     def block(self, weight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
         """A layer's HF block as the run computed with it: quantized in torchtune's row order
@@ -280,9 +295,10 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
                   as_trained: TrainedBase | None = None) -> Path:
     """Write ``base_dir`` with the adapter of ``adapter_dir`` folded in to ``out_dir``: same weight
     files, index, dtypes and key names as the base, config and tokenizer files copied, no adapter
-    files. The update goes into the original weights; with ``as_trained`` (a quantized run), into
-    each adapted weight as the run stored it, with the skeletons cut from that: the model as
-    trained. With ``world_size > 1`` each rank writes every ``world_size``-th weight file and
+    files, and `EXPORT_RECORD` saying what the update was merged into. The update goes into the
+    original weights; with ``as_trained`` (a quantized run: `TrainedBase.of_run`), into each
+    adapted weight as the run stored it, with the skeletons cut from that: the model as trained.
+    With ``world_size > 1`` each rank writes every ``world_size``-th weight file and
     rank 0 the side files; call it on every rank, then barrier."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
     _check_out_dir(out_dir, base_dir, adapter_dir)
@@ -299,11 +315,18 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
             print_main(f"export_merged: [{i}/{len(mine)}] {path.name}: "
                        f"{len(by_file.get(path, {}))} adapted weight(s) merged")
     if rank == 0:
+        merged_into = ORIGINAL_WEIGHTS if as_trained is None else as_trained.describe()
+        _write_export_record(out_dir, {"export": "merged", "base": str(base_dir.resolve()),
+                                       "adapter": str(adapter_dir.resolve()), "merged_into": merged_into})
         copied = copy_side_files(base_dir, out_dir)
         if progress:
-            print_main(f"export_merged: {len(updates)} weights merged into {out_dir} "
+            print_main(f"export_merged: {len(updates)} weights merged into {merged_into} in {out_dir} "
                        f"(copied {', '.join(copied)})")
     return out_dir
+
+
+def _write_export_record(out_dir: Path, record: dict) -> None:
+    atomic_write(out_dir / EXPORT_RECORD, lambda p: Path(p).write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
@@ -356,6 +379,8 @@ def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str |
         if progress:
             print_main(f"export_full: [{i}/{len(mine)}] {path.name}: {len(keys)} trained weight(s)")
     if rank == 0:
+        _write_export_record(out_dir, {"export": "full", "base": str(base_dir.resolve()),
+                                       "checkpoint": str(checkpoint_dir.resolve())})
         copied = copy_side_files(base_dir, out_dir)
         if progress:
             print_main(f"export_full: {len(parts_of)} weights of {checkpoint_dir.name} in {out_dir} "
@@ -377,68 +402,81 @@ def _trained_weight(hf_key: str, parts: list[tuple[torch.Tensor, torch.Tensor | 
     return new_value
 
 
+# The values vLLM's --max-lora-rank accepts (``MaxLoRARanks``, the ``max_lora_rank`` choices in
+# vLLM's vllm/config/lora.py): an adapter of a higher rank cannot be served by vLLM as a LoRA.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int) -> int | None:
+    """The smallest ``--max-lora-rank`` with which vLLM serves a LoRA of rank ``r``; None if
+    ``r`` exceeds them all."""
+    return next((choice for choice in VLLM_MAX_LORA_RANKS if choice >= r), None)
+
+
+def vllm_serving_note(r: int) -> str:
+    """What a user serving a PEFT export of rank ``r`` with vLLM must know."""
+    max_rank = vllm_max_lora_rank(r)
+    if max_rank is None:
+        return (f"export_peft: vLLM cannot serve this adapter as a LoRA (rank {r} > {VLLM_MAX_LORA_RANKS[-1]}); "
+                "serve the merged export (pmss-export without --peft) instead")
+    return f"export_peft: vLLM serves this adapter (rank {r}) with --max-lora-rank {max_rank}"
+
+
 def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = False,
                 *, check_base: bool = True) -> Path:
     """Write the adapter's update as a standard PEFT LoRA (``adapter_config.json`` +
     ``adapter_model.safetensors``, fp32, HF layout) that ``PeftModel.from_pretrained(base, out_dir)``
-    loads. PMSS: rank k, ``lora_A = R``, ``lora_B = s·C·U``, ``lora_alpha = r = k`` (PEFT's scale 1).
-    LoRA: ``lora_A = A``, ``lora_B = B``, its own ``r`` and ``lora_alpha``. A fused HF module with
-    n adapted parts gets rank n·r (``rank_pattern``) with the parts' factors stacked (``lora_A``)
-    and block-diagonal (``lora_B``), and ``alpha_pattern`` n·alpha (PEFT's scale unchanged)."""
+    loads. The update's scale is folded into ``lora_B``: PMSS ``lora_A = R``, ``lora_B = s·C·U``;
+    LoRA ``lora_A = A``, ``lora_B = (alpha/r)·B``. A fused HF module with n adapted parts gets the
+    parts' factors stacked (``lora_A``) and block-diagonal (``lora_B``), rank n·k. Every module is
+    zero-padded to one rank r, the largest, with ``lora_alpha = r`` (PEFT's scale 1) and empty
+    ``rank_pattern``/``alpha_pattern``: what servers that read only ``r``/``lora_alpha`` (vLLM,
+    llama.cpp) apply correctly. Prints (always) the ``--max-lora-rank`` vLLM needs for it."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
     _check_out_dir(out_dir, base_dir, adapter_dir)
-    meta, updates, files = _load(adapter_dir, base_dir, check_base)
+    _, updates, files = _load(adapter_dir, base_dir, check_base)
     if out_dir.is_dir():
         clash = [p.name for p in out_dir.iterdir()
                  if p.name in ("config.json", INDEX_FILE) or (p.suffix == ".safetensors" and p.name != PEFT_WEIGHTS)]
         if clash:
             raise ExportError(f"{out_dir} holds model files {clash}: keep the PEFT adapter in its own "
                               "directory, or transformers applies it to the weights found there")
-    tensors, ranks = {}, {}  # ranks: HF module name (e.g. qkv_proj) -> its LoRA rank
-    for i, (hf_key, group) in enumerate(_by_hf_key(updates).items(), 1):
+    groups = _by_hf_key(updates)
+    # One rank for all: vLLM and llama.cpp ignore rank_pattern/alpha_pattern, so a module of lower
+    # rank is padded with zero rows of lora_A and zero columns of lora_B (its update is unchanged).
+    r = max(sum(u.size for u in group) for group in groups.values())
+    tensors = {}
+    for i, (hf_key, group) in enumerate(groups.items(), 1):
         weight = None
         if group[0].kind == "pmss":
             with open_safetensors(files[hf_key]) as f:
                 weight = f.get_tensor(hf_key)
-        # lora_A stacks the parts' right factors; lora_B holds each part's left factor in the part's
-        # rows and its own columns (block-diagonal when the HF tensor is fused).
-        rights, lora_b, col = [], torch.zeros(group[0].rows.shape[0], sum(u.size for u in group)), 0
+        # lora_A stacks the parts' right factors; lora_B holds each part's scaled left factor in the
+        # part's rows and its own columns (block-diagonal when the HF tensor is fused).
+        lora_a, lora_b, col = torch.zeros(r, group[0].rows.shape[1]), torch.zeros(group[0].rows.shape[0], r), 0
         for update in group:
-            if weight is not None:
-                left, right = update.factors(update.block(weight))
-                left = update.scale * left  # PEFT's own scale is 1 (alpha = r)
-            else:
-                left, right = update.factors(None)  # PEFT applies alpha / r itself
-            lora_b[update.rows.start:update.rows.stop, col:col + update.size] = left
-            rights.append(right)
+            left, right = update.factors(None if weight is None else update.block(weight))
+            lora_a[col:col + update.size] = right
+            lora_b[update.rows.start:update.rows.stop, col:col + update.size] = update.scale * left  # PEFT's scale: 1
             col += update.size
         module = hf_key.removesuffix(".weight")
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.cat(rights).float().contiguous()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a
         tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b
-        name = module.rpartition(".")[2]
-        if ranks.setdefault(name, lora_b.shape[1]) != lora_b.shape[1]:
-            raise ExportError(f"{adapter_dir}: {module} has rank {lora_b.shape[1]}, other {name} modules "
-                              f"{ranks[name]}: the layers adapt different parts of it, which PEFT's rank_pattern "
-                              "cannot express")
         if progress and i % 16 == 0:
             print_main(f"export_peft: {i} modules")
-    r = meta["rank"]  # PEFT's LoRA rank: k for a PMSS adapter
-
-    def alpha(rank: int) -> float:  # PEFT scales by alpha / rank: 1 for PMSS, LoRA's own alpha / r
-        return rank if meta["kind"] == "pmss" else meta["alpha"] * (rank // r)
-
-    rank_pattern = {name: rank for name, rank in sorted(ranks.items()) if rank != r}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir.resolve()),
-        "r": r, "lora_alpha": alpha(r), "target_modules": sorted(ranks),
+        "r": r, "lora_alpha": r, "target_modules": sorted({key.removesuffix(".weight").rpartition(".")[2]
+                                                           for key in groups}),
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": rank_pattern,
-        "alpha_pattern": {name: alpha(rank) for name, rank in rank_pattern.items()}, "revision": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "revision": None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(out_dir / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     if progress:
         print_main(f"export_peft: {len(updates)} layers as {len(tensors) // 2} PEFT LoRA modules (r={r}) in {out_dir}")
+    print_main(vllm_serving_note(r))  # always: the user needs it to serve the adapter at all
     return out_dir

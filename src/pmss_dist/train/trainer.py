@@ -28,7 +28,7 @@ from pmss_dist.data import examples as data_lib
 from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss, token_loss_sum
-from pmss_dist.hf.export import export_full, export_merged
+from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, export_full, export_merged
 from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
                                original_weights, read_hf_config, weight_bytes, weight_file_names)
 from pmss_dist.models.builtin import write_tiny_checkpoint
@@ -425,6 +425,9 @@ def fit(run: Run, stop: StopRequest) -> dict:
                "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind,
                "eval_losses": run.eval_losses}
     full = cfg.adapter.kind == FULL
+    # A quantized run's merged export is the model it trained: its update folded into the base as
+    # the run stored it (docs/HF.md, "A quantized base").
+    as_trained = TrainedBase.of_run(to_dict(cfg)["model"])
     if env.is_main:
         if not full:  # a full fine-tuning run's weights are its checkpoints (and merged/)
             save_adapter(run.model, run_dir.adapter, adapter_meta(to_dict(cfg)["adapter"], str(run.base_dir),
@@ -440,7 +443,8 @@ def fit(run: Run, stop: StopRequest) -> dict:
                         progress=env.is_main, rank=env.rank, world_size=env.world_size)
         else:
             export_merged(run_dir.adapter, run.base_dir, run_dir.merged, progress=env.is_main,
-                          rank=env.rank, world_size=env.world_size)
+                          rank=env.rank, world_size=env.world_size, as_trained=as_trained)
+            summary["merged_into"] = ORIGINAL_WEIGHTS if as_trained is None else as_trained.describe()
         dist.barrier()
     if env.is_main:  # written last: its presence means everything above is on disk
         run_dir.write_json(run_dir.summary, summary)
