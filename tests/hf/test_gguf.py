@@ -19,7 +19,7 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="pip install gguf (test dependency)")
 torch = pytest.importorskip("torch")
 
-from pmss_dist.hf.gguf import (SUPPORTED_TENSOR_TYPES, convert_gguf_to_hf,  # noqa: E402
+from pmss_dist.gguf.to_hf import (SUPPORTED_TENSOR_TYPES, convert_gguf_to_hf,  # noqa: E402
                                     dequantize, unpermute_qk)
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -82,7 +82,7 @@ LAYER_TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "F16", "attn_output
 
 
 def _byte_level_alphabet() -> list[str]:
-    from pmss_dist.hf.gguf import _bytes_to_unicode
+    from pmss_dist.gguf.to_hf import _bytes_to_unicode
     return list(_bytes_to_unicode().values())
 
 
@@ -785,7 +785,7 @@ def test_llama3_rope_scaling_recovers_meta_parameters(head_dim, factor):
     """At the real head sizes (6 and 3 frequencies between the cuts) the fit gives back Meta's
     config.json values exactly: Llama 3.1/3.3 (factor 8) and 3.2 (factor 32)."""
     from types import SimpleNamespace
-    from pmss_dist.hf.gguf import llama3_rope_scaling
+    from pmss_dist.gguf.to_hf import llama3_rope_scaling
     rope = {**LLAMA3_ROPE, "factor": factor, "rope_theta": 500000.0}
     tensors = _llama_cpp_rope_tensors("llama", SimpleNamespace(rope_parameters=rope, head_dim=head_dim))
     assert llama3_rope_scaling(tensors["rope_freqs.weight"], 500000.0, head_dim) == {**LLAMA3_ROPE, "factor": factor}
@@ -793,7 +793,7 @@ def test_llama3_rope_scaling_recovers_meta_parameters(head_dim, factor):
 
 def test_llama3_rope_scaling_needs_llama_cpp_formula(tmp_path):
     """A rope_freqs tensor that no llama3 parameters produce is refused, not approximated."""
-    from pmss_dist.hf.gguf import llama3_rope_scaling
+    from pmss_dist.gguf.to_hf import llama3_rope_scaling
     with pytest.raises(ValueError, match="rope_freqs.weight does not follow llama.cpp's Llama-3"):
         llama3_rope_scaling(np.array([1, 1, 1.5, 1.2, 8, 8, 8, 8], np.float32), 10000.0, 16)
     assert llama3_rope_scaling(np.ones(8, np.float32), 10000.0, 16) is None

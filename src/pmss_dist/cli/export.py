@@ -4,12 +4,14 @@
     pmss-export --run runs/tiny --out exports/tiny-peft --peft
     pmss-export --adapter runs/tiny/adapter --base ckpt/llama --out exports/merged
     pmss-export --run runs/qlora --out exports/original --into-original-weights   # a quantized base's run
+    pmss-export --run runs/tiny --out exports/tiny-merged --gguf exports/tiny-f16.gguf --type f16
 
 Merged: the base checkpoint with W + s·C·U·R (or W + s·B·A) folded into every adapted weight,
 in the base's file layout, index and dtypes, config and tokenizer files copied, and
 ``pmss_export.json`` saying what it was made from. Streams one tensor at a time from the base
 files. PEFT: adapter_config.json + adapter_model.safetensors for ``PeftModel.from_pretrained(base,
-out)``; keep it in its own directory. A full fine-tuning run (``adapter.kind: full``) has no
+out)``; keep it in its own directory. ``--gguf`` also writes the merged export as a llama.cpp
+GGUF file (`pmss_dist.gguf.from_hf`, docs/GGUF.md). A full fine-tuning run (``adapter.kind: full``) has no
 adapter: its newest checkpoint's weights are written in the base's layout instead, one base file
 at a time.
 
@@ -30,6 +32,8 @@ import time
 from pathlib import Path
 
 from pmss_dist.adapters.layers import FULL
+from pmss_dist.cli.hf_to_gguf import add_type_argument
+from pmss_dist.gguf.from_hf import convert_hf_to_gguf
 from pmss_dist.hf.export import TrainedBase, export_full, export_merged, export_peft
 from pmss_dist.train.checkpoint import CheckpointError, extract_adapter, newest_valid, read_record
 from pmss_dist.train.run_dir import RunDir
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--adapter", type=Path, help="adapter directory (adapter.safetensors + adapter.json)")
     parser.add_argument("--base", type=Path, help="base HF checkpoint directory (with --adapter)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--gguf", type=Path, help="also write the merged export as this llama.cpp GGUF file")
+    add_type_argument(parser)
     parser.add_argument("--peft", action="store_true", help="write a PEFT LoRA adapter instead of merged weights")
     parser.add_argument("--into-original-weights", action="store_true",
                         help="a run on a quantized base (model.quantize nf4/int8): merge the update into the "
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--adapter needs --base")
     if args.run is not None and args.base is not None:
         parser.error("--base goes with --adapter; a run names its own base")
+    if args.gguf is not None and args.peft:
+        parser.error("--gguf writes the merged model; a PEFT adapter is served on its base instead")
     if args.into_original_weights and (args.run is None or args.peft):
         parser.error("--into-original-weights needs --run (its config says how the base was stored) and merged "
                      "weights (not --peft)")
@@ -119,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             export_merged(weights, base_dir, args.out, progress=True, check_base=not args.skip_base_check,
                           as_trained=as_trained)
+        if args.gguf is not None:
+            convert_hf_to_gguf(args.out, args.gguf, out_type=args.type,
+                               progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (FileNotFoundError, KeyError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from pmss_dist.hf.gguf import (ARCHITECTURES, SUPPORTED_ARCHITECTURES, SUPPORTED_TENSOR_TYPES,
+from pmss_dist.gguf.to_hf import (ARCHITECTURES, SUPPORTED_ARCHITECTURES, SUPPORTED_TENSOR_TYPES,
                                 convert_gguf_to_hf)
 
 

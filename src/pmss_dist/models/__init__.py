@@ -91,15 +91,23 @@ def tied_embeddings(hf_config: dict) -> bool:
     return bool(hf_config.get("tie_word_embeddings", default))
 
 
+def declared_rope_scaling(hf_config: dict) -> dict | None:
+    """The RoPE scaling config.json states, its type under ``"rope_type"``, whether or not a family
+    here implements it; ``None`` for plain RoPE (see `rope_scaling` for the two layouts)."""
+    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return None if kind == "default" else {**scaling, "rope_type": kind}
+
+
 def rope_scaling(hf_config: dict) -> dict | None:
     """The RoPE scaling config.json asks for, its type under ``"rope_type"``; ``None`` for plain
     RoPE. transformers < 5 writes ``rope_scaling`` (type under ``type`` or ``rope_type``) at the top
     level; 5.x nests it in ``rope_parameters`` (``rope_type`` "default" meaning no scaling). A type
     the family does not implement (its ``ROPE_SCALING``) is refused here, the one place that says so."""
-    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
+    scaling = declared_rope_scaling(hf_config)
+    if scaling is None:
         return None
+    kind = scaling["rope_type"]
     family = model_family(hf_config)
     supported = getattr(family, "ROPE_SCALING", ())
     if kind not in supported:
@@ -112,6 +120,11 @@ def rope_theta(hf_config: dict) -> float:
     """The RoPE base: top-level ``rope_theta`` (transformers < 5) or ``rope_parameters.rope_theta``
     (5.x). Scaling, if any, is refused or returned by `rope_scaling`, which this checks first."""
     rope_scaling(hf_config)
+    return declared_rope_theta(hf_config)
+
+
+def declared_rope_theta(hf_config: dict) -> float:
+    """The RoPE base config.json states (either layout), without `rope_scaling`'s check."""
     params = hf_config.get("rope_parameters") or {}
     return float(hf_config.get("rope_theta", params.get("rope_theta", 10000.0)))
 

@@ -598,6 +598,7 @@ PRE_TOKENIZERS = {
     None: None,
     "default": None,
     "gpt2": None,
+    "gpt-2": None,  # llama.cpp's own name for GPT-2's split
     # SmolLM splits every digit on its own, then applies GPT-2's regex (as its original
     # tokenizer.json does: Digits(individual_digits) + ByteLevel).
     "smollm": _DIGITS,
