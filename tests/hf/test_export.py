@@ -22,7 +22,8 @@ from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.hf.load import base_fingerprint
 from pmss_dist.config import TrainConfig, to_dict
 from pmss_dist.hf.load import weight_files
-from pmss_dist.hf.export import EXPORT_RECORD, ExportError, export_merged, export_peft
+from pmss_dist.files import OutputPathError
+from pmss_dist.hf.export import EXPORT_RECORD, ExportError, export_merged, export_peft, write_merged
 from test_load import make_hf_checkpoint, our_model, run_tool, tokens
 
 transformers = pytest.importorskip("transformers", reason="the HF tests need transformers (pip install -e .[test])")
@@ -215,8 +216,9 @@ def llama_run(tmp_path_factory):
 def test_ranks_split_the_files(llama_run, tmp_path):
     base, adapter = llama_run["base"], llama_run["pmss"]
     export_merged(adapter, base, tmp_path / "one", progress=False)
+    (tmp_path / "two").mkdir()
     for rank in (1, 0):
-        export_merged(adapter, base, tmp_path / "two", progress=False, rank=rank, world_size=2)
+        write_merged(adapter, base, tmp_path / "two", progress=False, rank=rank, world_size=2)
     one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
     assert [p.name for p in one] == [p.name for p in two]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
@@ -234,7 +236,8 @@ def test_peft_adapter_is_the_same_update(llama_run, tmp_path, capsys, kind):
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 4
     assert config["rank_pattern"] == config["alpha_pattern"] == {}
     assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", EXPORT_RECORD}
+    assert json.loads((out / EXPORT_RECORD).read_text())["export"] == "peft"
     lora = load_file(str(out / "adapter_model.safetensors"))
     assert len(lora) == 2 * 2 * 7
     for hf_key, path in weight_files(base).items():
@@ -281,13 +284,20 @@ def test_export_tool_on_a_builtin_run(tmp_path, capsys):
                                rtol=1e-5, atol=1e-5)
     assert run_tool("export", ["--run", str(run), "--out", str(tmp_path / "peft"), "--peft"]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    # --out over the run's own files: refused in one line, the run untouched
+    config = (run / "config.json").read_bytes()
+    for out in (run, run / "adapter", run / "exports"):
+        assert run_tool("export", ["--run", str(run), "--out", str(out)]) == 2
+        assert "an input of this command" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == config and not (run / "exports").exists()
 
 
 def test_tool_help_and_missing_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_tool("export", ["--help"])
     assert exit_info.value.code == 0 and "--peft" in capsys.readouterr().out
-    assert run_tool("export", ["--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    (tmp_path / "run").mkdir()
+    assert run_tool("export", ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 2
     assert "is neither a finished run (summary.json, adapter/) nor has a complete checkpoint" in capsys.readouterr().err
 
 
@@ -327,13 +337,26 @@ def test_export_refuses_what_it_cannot_map(llama_run, tmp_path, edit, message):
 
 
 def test_output_directory_rules(llama_run, tmp_path):
+    """An export replaces its directory whole, so it goes to a new or empty directory or over a
+    previous export of its kind; never over, into or around an input."""
     base, adapter = llama_run["base"], llama_run["pmss"]
-    with pytest.raises(ExportError, match="is also an input"):
-        export_merged(adapter, base, base)
-    (tmp_path / "merged").mkdir()
-    (tmp_path / "merged" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ExportError, match="adapter_config.json exists: adapter files beside merged weights"):
-        export_merged(adapter, base, tmp_path / "merged")
-    export_merged(adapter, base, tmp_path / "merged2", progress=False)
-    with pytest.raises(ExportError, match="holds model files"):
-        export_peft(adapter, base, tmp_path / "merged2")
+    for out, relation in ((base, "is the base"), (base / "sub", "lies inside the base"),
+                          (adapter, "is the adapter")):
+        with pytest.raises(OutputPathError, match=f"output directory {out} {relation}"):
+            export_merged(adapter, base, out)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "tokenizer.json").write_text("{}")  # another model's file
+    for export in (export_merged, export_peft):
+        with pytest.raises(ExportError, match="holds files of something else \\(tokenizer.json"):
+            export(adapter, base, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["tokenizer.json"]
+    export_merged(adapter, base, tmp_path / "merged", progress=False)
+    with pytest.raises(ExportError, match="holds a merged export"):
+        export_peft(adapter, base, tmp_path / "merged")
+    (tmp_path / "merged" / "stray.txt").write_text("left from before")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir() if p.name != "stray.txt"}
+    export_merged(adapter, base, tmp_path / "merged", progress=False)  # a previous merged export: replaced whole
+    after = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left

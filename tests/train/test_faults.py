@@ -200,7 +200,8 @@ def test_export_of_an_unfinished_run_uses_its_newest_checkpoint(uninterrupted, s
     shutil.rmtree(out / "merged")
     (out / "summary.json").unlink()
     (out / "config.json").unlink()
-    assert export(["--run", str(out), "--out", str(out / "exported")]) == 0
+    exported = session_tmp / "unfinished-exported"  # outside the run: an export never writes into its input
+    assert export(["--run", str(out), "--out", str(exported)]) == 0
     assert "exporting its checkpoint step_000040" in capsys.readouterr().err
-    assert (out / "exported" / "model.safetensors").read_bytes() == \
+    assert (exported / "model.safetensors").read_bytes() == \
         (uninterrupted / "merged" / "model.safetensors").read_bytes()

@@ -109,11 +109,12 @@ def test_export_tool_on_an_unfinished_full_run(full_one_process, session_tmp, ca
     shutil.rmtree(out / "merged")
     (out / "summary.json").unlink()
     (out / "config.json").unlink()
-    assert export(["--run", str(out), "--out", str(out / "exported")]) == 0
+    exported = session_tmp / "full-unfinished-exported"  # outside the run: an export never writes into its input
+    assert export(["--run", str(out), "--out", str(exported)]) == 0
     assert "exporting its checkpoint step_000008" in capsys.readouterr().err
-    assert (out / "exported" / "model.safetensors").read_bytes() == \
+    assert (exported / "model.safetensors").read_bytes() == \
         (full_one_process / "merged" / "model.safetensors").read_bytes()
-    assert export(["--run", str(full_one_process), "--out", str(out / "peft"), "--peft"]) == 1
+    assert export(["--run", str(full_one_process), "--out", str(session_tmp / "full-peft"), "--peft"]) == 2
     assert "is a full fine-tuning run (adapter.kind: full): it has no adapter" in capsys.readouterr().err
 
 

@@ -139,7 +139,7 @@ def test_into_original_weights_folds_the_cores_into_the_original_weights(runs, t
     assert sum(not torch.equal(as_trained[k], exported[k]) for k in exported) == 2 * 7
     # A run on the original weights is merged into them already: the flag is refused, named.
     assert export_main(["--run", str(runs["root"] / "none"), "--out", str(tmp_path / "x"),
-                        "--into-original-weights"]) == 1
+                        "--into-original-weights"]) == 2
 
 
 def test_resuming_a_checkpoint_in_another_format_is_refused_with_the_reason(runs, tmp_path):

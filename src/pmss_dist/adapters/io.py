@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pmss_dist.adapters.layers import adapter_layers
-from pmss_dist.files import atomic_write
+from pmss_dist.files import publish_dir
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
@@ -38,12 +38,15 @@ def save_adapter(model: nn.Module, out_dir: str | Path, meta: dict) -> Path:
 
 
 def write_adapter(state: dict[str, torch.Tensor], out_dir: str | Path, meta: dict) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the adapter directory ``out_dir`` whole or not at all (`files.publish_dir`): a
+    previous adapter there stays until the new one is complete."""
     state = {k: v.contiguous() for k, v in state.items()}
-    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(out_dir / ADAPTER_META, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-    return out_dir
+
+    def write(staging: Path) -> None:
+        save_file(state, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (staging / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+
+    return publish_dir(out_dir, write)
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

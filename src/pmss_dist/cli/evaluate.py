@@ -27,7 +27,7 @@ from pmss_dist.data import rows as datasets
 from pmss_dist.data.tokenizers import TokenizerError, load_tokenizer
 from pmss_dist.eval.model import load_eval_model
 from pmss_dist.eval.scoring import score_choices, score_generations, summarize
-from pmss_dist.files import atomic_write
+from pmss_dist.files import OutputPathError, atomic_write, check_not_over_inputs, check_output_file
 from pmss_dist.parallel.env import init_distributed, print_main, shutdown
 
 
@@ -130,8 +130,12 @@ def run(args: argparse.Namespace) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        inputs = {"--model": args.model, "--adapter": args.adapter, "--data": args.data}
+        check_not_over_inputs(args.out, {k: v for k, v in inputs.items() if v and v != data_lib.BUILTIN_ARITHMETIC},
+                              "--out")
+        check_output_file(args.out)
         run(args)
-    except (datasets.DataError, TokenizerError, FileNotFoundError) as err:
+    except (datasets.DataError, TokenizerError, FileNotFoundError, OutputPathError) as err:
         # Every rank reads the same files and fails the same way, before any collective.
         print(f"evaluate: {err}", file=sys.stderr)
         return 2

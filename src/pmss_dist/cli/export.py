@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pmss_dist.adapters.layers import FULL
 from pmss_dist.cli.hf_to_gguf import add_type_argument
+from pmss_dist.files import check_not_over_inputs
 from pmss_dist.gguf.from_hf import convert_hf_to_gguf
 from pmss_dist.hf.export import TrainedBase, export_full, export_merged, export_peft
 from pmss_dist.train.checkpoint import CheckpointError, extract_adapter, newest_valid, read_record
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="pmss-export-"))
     try:
+        inputs = {"the run": args.run} if args.run is not None else {"the adapter": args.adapter, "the base": args.base}
+        check_not_over_inputs(args.out, inputs, "--out")
+        if args.gguf is not None:  # the export directory is replaced whole by the next export
+            check_not_over_inputs(args.gguf, {**inputs, "--out": args.out}, "--gguf")
         weights, base_dir, full, config = (run_inputs(RunDir(args.run), scratch) if args.run
                                            else (args.adapter, args.base, False, None))
         as_trained = merge_base(config, args.into_original_weights, args.run)
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (FileNotFoundError, KeyError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2  # a user's error, as the trainer's
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"done in {time.perf_counter() - start:.1f}s: {args.out}", file=sys.stderr)

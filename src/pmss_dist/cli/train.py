@@ -15,16 +15,23 @@ from pmss_dist.train.checkpoint import CheckpointError
 from pmss_dist.train.run_dir import RunDirError
 from pmss_dist.train.trainer import EXIT_REQUEUE, DivergenceError, train
 
-# Errors a user causes (config, data, checkpoints, the output directory, a diverging lr): one line
-# on stderr from every rank, exit code 2, no traceback. Anything else is a bug and keeps its traceback.
+# Errors a user causes (config, data, checkpoints, the output directory, a diverging lr): raised on
+# every rank alike, printed in one line by rank 0, exit code 2, no traceback. Anything else is a bug
+# and keeps its traceback, on the rank it happened on.
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, RunDirError, DivergenceError)
 EXIT_USER_ERROR = 2
 
 
 def report(err: Exception) -> int:
-    label = "config error" if isinstance(err, ConfigError) else "error"
-    print(f"{label}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+    if _rank() == 0:
+        label = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{label}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
+
+
+def _rank() -> int:
+    """This process's global rank, from the launcher's environment (the process group may be gone)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def main(argv=None) -> int:
@@ -46,7 +53,7 @@ def main(argv=None) -> int:
         return report(err)
     if not summary["completed"]:
         return EXIT_REQUEUE  # stopped by SIGTERM/SIGUSR1 after saving: resume=auto continues
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # the process group is gone
+    if _rank() == 0:
         print(f"done: {summary['steps']} steps, loss {summary['initial_loss']:.4f} -> "
               f"{summary['final_loss']:.4f}; results in {cfg.output_dir}/summary.json", file=sys.stderr)
     return 0

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pmss_dist.files import atomic_write
+from pmss_dist.files import atomic_write, check_not_over_inputs
 from pmss_dist.gguf.to_hf import (ARCHITECTURES, COMMON_FIELDS, GLOBAL_TENSORS, PRE_TOKENIZERS, REQUIRED, Architecture,
                                   _DIGITS, _llama_cpp_rope_freqs)
 from pmss_dist.hf.load import open_safetensors, read_hf_config, weight_files
@@ -385,6 +385,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, out_path: str | Path, *, out_type: st
     say = progress or (lambda line: None)
     if out_type not in OUT_TYPES:
         raise GGUFExportError(f"GGUF type {out_type!r} is not one of {', '.join(OUT_TYPES)}")
+    check_not_over_inputs(out_path, {"the checkpoint": hf_dir}, "the GGUF file")
     c = read_hf_config(hf_dir)
     arch = architecture_of(c)
     notes = check_expressible(arch, c)

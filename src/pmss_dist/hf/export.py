@@ -40,10 +40,10 @@ from pmss_dist.adapters.io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
 from pmss_dist.adapters.layers import (ADAPTER_TENSORS, FULL, TARGET_ALIASES, lora_factors, merge_dtype, merge_update,
                                       pmss_factors, update_scale)
 from pmss_dist.adapters.quantize import as_stored
-from pmss_dist.files import atomic_write
+from pmss_dist.files import atomic_write, check_not_over_inputs, publish_dir
 from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row_permutations, to_hf_rows,
                                tune_key_to_hf, tune_shapes)
-from pmss_dist.hf.load import (INDEX_FILE, check_base_fingerprint, copy_side_files, open_safetensors,
+from pmss_dist.hf.load import (check_base_fingerprint, copy_side_files, open_safetensors,
                                read_hf_config, read_safetensors_header, weight_files)
 from pmss_dist.models import tied_embeddings
 from pmss_dist.parallel.env import print_main
@@ -52,9 +52,6 @@ from pmss_dist.train.checkpoint import CheckpointError, read_record
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-# Adapter files of either format. None may sit beside merged weights: transformers (with peft
-# installed) applies an adapter_config.json it finds in a model directory, on top of the merge.
-ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_META, PEFT_CONFIG, PEFT_WEIGHTS)
 # What a merged or full export was made from and, for an adapter, which base weights took its update.
 EXPORT_RECORD = "pmss_export.json"
 ORIGINAL_WEIGHTS = "the original weights"
@@ -238,12 +235,6 @@ def _by_hf_key(updates: dict[str, LayerUpdate]) -> dict[str, list[LayerUpdate]]:
     return groups
 
 
-def _check_out_dir(out_dir: Path, *inputs: Path) -> None:
-    for path in inputs:
-        if out_dir.resolve() == path.resolve():
-            raise ExportError(f"output directory {out_dir} is also an input ({path}); choose a new directory")
-
-
 def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
     """Absolute byte range of each tensor's data (the file was validated by ``safe_open``)."""
     header_len, raw = read_safetensors_header(path)
@@ -277,34 +268,70 @@ def _write_replaced_file(src: Path, dst: Path, replace: dict[str, Callable[[torc
     atomic_write(dst, write)
 
 
-def _prepare_out_dir(out_dir: Path, base_dir: Path, paths: list[Path]) -> None:
-    """Create ``out_dir``, refusing one that holds adapter files or weight files of another model."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ours = {p.name for p in paths}
-    for entry in out_dir.iterdir():
-        if entry.name in ADAPTER_FILES:
-            raise ExportError(f"{entry} exists: adapter files beside merged weights get applied twice "
-                              "by transformers; use a directory without them")
-        if entry.name.endswith(".safetensors") and entry.name not in ours:
-            raise ExportError(f"{entry} is not a file of {base_dir} (left from another export?); "
-                              "use an empty directory")
+# Export kinds by what a previous export's EXPORT_RECORD says: an HF checkpoint (merged, or a full
+# fine-tuning run's weights) may replace another; a PEFT adapter directory, another PEFT one.
+_KINDS = {"merged": "hf", "full": "hf", "peft": "peft"}
+
+
+def check_export_target(out_dir: str | Path, kind: str, inputs: dict[str, Path]) -> None:
+    """Refuse an export directory ``out_dir`` that is, lies inside or contains one of the
+    command's ``inputs``, or that holds anything but a previous export of the same ``kind``
+    ("merged", "full", "peft"): an export replaces its directory whole."""
+    out_dir = Path(out_dir)
+    check_not_over_inputs(out_dir, inputs, "output directory")
+    if out_dir.is_symlink() or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return  # absent, empty, or a link: the export is put in its place
+    try:
+        previous = json.loads((out_dir / EXPORT_RECORD).read_text())["export"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if _KINDS.get(previous) != _KINDS[kind]:
+        held = ", ".join(sorted(p.name for p in out_dir.iterdir())[:4])
+        what = f"a {previous} export" if previous else f"files of something else ({held}, ...)"
+        raise ExportError(f"{out_dir} holds {what}; an export replaces its directory whole, so it goes to a new "
+                          f"or empty directory or over a previous {kind} export")
+
+
+def verify_hf_export(out_dir: Path, base_dir: Path) -> None:
+    """Before publication: every weight file of the base is there at its size (each is a byte
+    copy with tensors overwritten in place), and config.json."""
+    for path in sorted(set(weight_files(base_dir).values())):
+        written = out_dir / path.name
+        if not written.is_file() or written.stat().st_size != path.stat().st_size:
+            raise ExportError(f"{written} is missing or not the size of {path}: the export was not completed")
+    if not (out_dir / "config.json").is_file():
+        raise ExportError(f"{out_dir / 'config.json'} is missing: the export was not completed")
 
 
 def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
-                  *, rank: int = 0, world_size: int = 1, check_base: bool = True,
-                  as_trained: TrainedBase | None = None) -> Path:
+                  *, check_base: bool = True, as_trained: TrainedBase | None = None) -> Path:
+    """`write_merged` in one process, published as ``out_dir`` whole or not at all: written into a
+    staging directory beside it, checked, then renamed in place of any previous export there."""
+    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
+    check_export_target(out_dir, "merged", {"the base": base_dir, "the adapter": adapter_dir})
+
+    def write(staging: Path) -> None:
+        write_merged(adapter_dir, base_dir, staging, progress, check_base=check_base, as_trained=as_trained)
+        verify_hf_export(staging, base_dir)
+
+    publish_dir(out_dir, write)
+    return out_dir
+
+
+def write_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                 *, rank: int = 0, world_size: int = 1, check_base: bool = True,
+                 as_trained: TrainedBase | None = None) -> Path:
     """Write ``base_dir`` with the adapter of ``adapter_dir`` folded in to ``out_dir``: same weight
     files, index, dtypes and key names as the base, config and tokenizer files copied, no adapter
     files, and `EXPORT_RECORD` saying what the update was merged into. The update goes into the
     original weights; with ``as_trained`` (a quantized run: `TrainedBase.of_run`), into each
     adapted weight as the run stored it, with the skeletons cut from that: the model as trained.
-    With ``world_size > 1`` each rank writes every ``world_size``-th weight file and
-    rank 0 the side files; call it on every rank, then barrier."""
+    ``out_dir`` is a new directory (`export_merged` and the trainer publish it). With
+    ``world_size > 1`` each rank writes every ``world_size``-th weight file and rank 0 the side
+    files; call it on every rank, then barrier."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
-    _check_out_dir(out_dir, base_dir, adapter_dir)
-    _, updates, files = _load(adapter_dir, base_dir, check_base)
+    meta, updates, files = _load(adapter_dir, base_dir, check_base)
     paths = sorted(set(files.values()))
-    _prepare_out_dir(out_dir, base_dir, paths)
     by_file: dict[Path, dict] = {}
     for hf_key, group in _by_hf_key(updates).items():
         by_file.setdefault(files[hf_key], {})[hf_key] = _merge_into(group, as_trained)
@@ -317,7 +344,8 @@ def export_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | 
     if rank == 0:
         merged_into = ORIGINAL_WEIGHTS if as_trained is None else as_trained.describe()
         _write_export_record(out_dir, {"export": "merged", "base": str(base_dir.resolve()),
-                                       "adapter": str(adapter_dir.resolve()), "merged_into": merged_into})
+                                       "adapter": str(adapter_dir.resolve()), "step": meta.get("step"),
+                                       "merged_into": merged_into})
         copied = copy_side_files(base_dir, out_dir)
         if progress:
             print_main(f"export_merged: {len(updates)} weights merged into {merged_into} in {out_dir} "
@@ -330,13 +358,26 @@ def _write_export_record(out_dir: Path, record: dict) -> None:
 
 
 def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
-                *, rank: int = 0, world_size: int = 1, check_base: bool = True) -> Path:
+                *, check_base: bool = True) -> Path:
+    """`write_full` in one process, published as ``out_dir`` whole or not at all (`export_merged`)."""
+    checkpoint_dir, base_dir, out_dir = Path(checkpoint_dir), Path(base_dir), Path(out_dir)
+    check_export_target(out_dir, "full", {"the base": base_dir, "the checkpoint": checkpoint_dir})
+
+    def write(staging: Path) -> None:
+        write_full(checkpoint_dir, base_dir, staging, progress, check_base=check_base)
+        verify_hf_export(staging, base_dir)
+
+    publish_dir(out_dir, write)
+    return out_dir
+
+
+def write_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | Path, progress: bool = True,
+               *, rank: int = 0, world_size: int = 1, check_base: bool = True) -> Path:
     """Write the weights of a full fine-tuning step checkpoint (``adapter.kind: full``) to ``out_dir``
     in ``base_dir``'s file layout, index and dtypes, config and tokenizer files copied, as
     `export_merged` does with an adapter. Reads the DCP files in this process (no process group);
     peak memory is one base file's tensors in fp32. Files are divided among ranks the same way."""
     checkpoint_dir, base_dir, out_dir = Path(checkpoint_dir), Path(base_dir), Path(out_dir)
-    _check_out_dir(out_dir, base_dir, checkpoint_dir)
     try:
         record = read_record(checkpoint_dir)
     except CheckpointError as err:
@@ -366,7 +407,6 @@ def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str |
         parts_of["lm_head.weight"] = ["tok_embeddings.weight"]  # a tied copy the base carries: keep it equal
     perms = row_permutations(hf_config)
     paths = sorted(set(files.values()))
-    _prepare_out_dir(out_dir, base_dir, paths)
     mine = paths[rank::world_size]
     for i, path in enumerate(mine, 1):
         keys = {hf_key: parts for hf_key, parts in parts_of.items() if files[hf_key] == path}
@@ -380,7 +420,7 @@ def export_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str |
             print_main(f"export_full: [{i}/{len(mine)}] {path.name}: {len(keys)} trained weight(s)")
     if rank == 0:
         _write_export_record(out_dir, {"export": "full", "base": str(base_dir.resolve()),
-                                       "checkpoint": str(checkpoint_dir.resolve())})
+                                       "checkpoint": str(checkpoint_dir.resolve()), "step": record.step})
         copied = copy_side_files(base_dir, out_dir)
         if progress:
             print_main(f"export_full: {len(parts_of)} weights of {checkpoint_dir.name} in {out_dir} "
@@ -433,14 +473,8 @@ def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
     ``rank_pattern``/``alpha_pattern``: what servers that read only ``r``/``lora_alpha`` (vLLM,
     llama.cpp) apply correctly. Prints (always) the ``--max-lora-rank`` vLLM needs for it."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
-    _check_out_dir(out_dir, base_dir, adapter_dir)
-    _, updates, files = _load(adapter_dir, base_dir, check_base)
-    if out_dir.is_dir():
-        clash = [p.name for p in out_dir.iterdir()
-                 if p.name in ("config.json", INDEX_FILE) or (p.suffix == ".safetensors" and p.name != PEFT_WEIGHTS)]
-        if clash:
-            raise ExportError(f"{out_dir} holds model files {clash}: keep the PEFT adapter in its own "
-                              "directory, or transformers applies it to the weights found there")
+    check_export_target(out_dir, "peft", {"the base": base_dir, "the adapter": adapter_dir})
+    meta, updates, files = _load(adapter_dir, base_dir, check_base)
     groups = _by_hf_key(updates)
     # One rank for all: vLLM and llama.cpp ignore rank_pattern/alpha_pattern, so a module of lower
     # rank is padded with zero rows of lora_A and zero columns of lora_B (its update is unchanged).
@@ -473,9 +507,15 @@ def export_peft(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Pa
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "revision": None,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out_dir / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    record = {"export": "peft", "base": str(base_dir.resolve()), "adapter": str(adapter_dir.resolve()),
+              "step": meta.get("step")}
+
+    def write(staging: Path) -> None:
+        atomic_write(staging / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(staging / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        _write_export_record(staging, record)
+
+    publish_dir(out_dir, write)
     if progress:
         print_main(f"export_peft: {len(updates)} layers as {len(tensors) // 2} PEFT LoRA modules (r={r}) in {out_dir}")
     print_main(vllm_serving_note(r))  # always: the user needs it to serve the adapter at all

@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from pmss_dist.adapters.layers import ADAPTER_TENSORS
 from pmss_dist.config import IDENTITY_DEFAULTS, RUN_IDENTITY_KEYS, CheckpointConfig, flat_config, run_identity
-from pmss_dist.files import atomic_write
+from pmss_dist.files import atomic_write, remove_path
 from pmss_dist.hf.load import comparable_fingerprint, file_sha256
 from pmss_dist.parallel.env import print_main
 from pmss_dist.train import storage
@@ -68,6 +68,10 @@ _STEP_DIR = re.compile(r"step_(\d+)")
 # field; the number of training samples is recorded beside the config's keys.
 BASE_KEY = "model weights (fingerprint of model.path)"
 EXAMPLES_KEY = "data.examples"
+# Identity keys of what the run reads, by content (`data.fingerprint`): the tokenized training
+# samples, and the base's tokenizer files (the weights and config.json are the base fingerprint).
+DATA_KEY = "data.contents"
+TOKENIZER_KEY = "model.tokenizer_files"
 # Keys that differ between two runs of the same job without changing it.
 _NOT_SETTINGS = {"output_dir", "checkpoint.resume"}
 _OPTIONS = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
@@ -219,7 +223,7 @@ class CheckpointManager:
         partial = Path(str(final) + PARTIAL_SUFFIX)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)
+            remove_path(partial)  # a stale one, or a link someone put there: never written through
         dist.barrier()
         states = self._states(with_cuda_rng=True)
         writer = storage.HashingWriter(partial)
@@ -289,7 +293,7 @@ class CheckpointManager:
             manifest = {"step": record.step, "world_size": self.world_size, "files": files, "sha256": sha256,
                         "extra": record.to_json()}
             atomic_write(partial / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
-            shutil.rmtree(final, ignore_errors=True)
+            remove_path(final)  # a checkpoint of this step the index no longer lists, or a link
             os.replace(partial, final)
             write_index(self.root, [*read_index(self.root), final.name])
             atomic_write(self.root / LATEST, lambda p: Path(p).write_text(final.name))
@@ -319,7 +323,7 @@ class CheckpointManager:
         if self.rank == 0 and self.root.is_dir():
             for path in self.root.glob(f"step_*{PARTIAL_SUFFIX}"):
                 if step_of(path.name.removesuffix(PARTIAL_SUFFIX)) is not None:
-                    shutil.rmtree(path, ignore_errors=True)
+                    remove_path(path)
         dist.barrier()
 
     def _verify_agreed(self, path: Path) -> None:

@@ -3,6 +3,7 @@
     <output_dir>/
       config.json       the resolved config of the run (written at the end)
       summary.json      losses and counts; written last, so its presence means the run finished
+      summary.previous.json   the summary of an earlier completion, while the run runs again
       selection.json    PMSS skeleton indices (reusable through adapter.selection_file)
       adapter/          cores or LoRA factors and skeleton indices (``adapters.io``)
       merged/           the base with the update folded in, in the base's HF layout
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 from pmss_dist.config import BUILTIN_TINY
-from pmss_dist.files import atomic_write
+from pmss_dist.files import OutputPathError, atomic_write, check_output_file, clean_stale
 
 
 class RunDirError(RuntimeError):
@@ -38,6 +39,7 @@ class RunDir:
         self.root = Path(root)
         self.config = self.root / "config.json"
         self.summary = self.root / "summary.json"
+        self.previous_summary = self.root / "summary.previous.json"
         self.selection = self.root / "selection.json"
         self.adapter = self.root / "adapter"
         self.merged = self.root / "merged"
@@ -48,14 +50,19 @@ class RunDir:
 
     def written(self, model_path: str) -> list[Path]:
         """Everything a run with this ``model.path`` writes in its directory."""
-        paths = [self.config, self.summary, self.selection, self.adapter, self.merged, self.checkpoints,
-                 self.tensorboard, self.lock]
+        paths = [self.config, self.summary, self.previous_summary, self.selection, self.adapter, self.merged,
+                 self.checkpoints, self.tensorboard, self.lock]
         return paths + [self.base_model] if model_path == BUILTIN_TINY else paths
 
     def check_outside(self, model_path: str, selection_file: str | None = None) -> None:
         """Refuse a run that would write into its base checkpoint ``model_path``: an output_dir
         that is or lies inside it, a base inside something the run writes, or a selection file to
         be written inside the base."""
+        if selection_file and not Path(selection_file).is_file():
+            try:  # it will be written: never a device or FIFO
+                check_output_file(selection_file)
+            except OutputPathError as err:
+                raise RunDirError(f"adapter.selection_file: {err}") from None
         if model_path == BUILTIN_TINY:
             return
         base, root = Path(model_path).resolve(), self.root.resolve()
@@ -73,6 +80,16 @@ class RunDir:
             if base in target.parents:
                 raise RunDirError(f"adapter.selection_file={selection_file} would be written inside model.path="
                                   f"{model_path}; point it outside the base checkpoint")
+
+    def reopen(self) -> list[str]:
+        """A run starting (again) in this directory, under its lock: it is not finished until it
+        writes its summary anew, so an earlier completion's summary moves to ``summary.previous.json``
+        (an export of the run then takes its newest checkpoint, not the old adapter), and what
+        killed writes left (`files.clean_stale`) goes. Returns the names removed."""
+        if self.summary.is_file():
+            os.replace(self.summary, self.previous_summary)
+        return [f"{where.name}/{name}" if where != self.root else name
+                for where in (self.root, self.adapter) for name in clean_stale(where)]
 
     def base_dir(self, model_path: str) -> Path:
         """The base checkpoint of a run whose ``model.path`` is ``model_path``."""

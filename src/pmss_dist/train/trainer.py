@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from pmss_dist.adapters.io import adapter_meta, save_adapter
 from pmss_dist.adapters.layers import FULL, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
@@ -25,10 +26,12 @@ from pmss_dist.config import (BUILTIN_TINY, ConfigError, TrainConfig, adapter_sp
                               to_dict)
 from pmss_dist.data import batches as batch_lib
 from pmss_dist.data import examples as data_lib
+from pmss_dist.data.fingerprint import samples_fingerprint, tokenizer_fingerprint
 from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss, token_loss_sum
-from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, export_full, export_merged
+from pmss_dist.files import begin_staged, publish_dir, publish_staged, staging_dir
+from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
 from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
                                original_weights, read_hf_config, weight_bytes, weight_file_names)
 from pmss_dist.models.builtin import write_tiny_checkpoint
@@ -36,7 +39,7 @@ from pmss_dist.parallel.env import DistEnv, init_distributed, print_main, shutdo
 from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
 from pmss_dist.parallel.mesh import data_parallel_mesh, local_world_size, resolve_dp_shape
 from pmss_dist.parallel.parallelize import rank_memory_bytes
-from pmss_dist.train.checkpoint import EXAMPLES_KEY, CheckpointManager, step_name
+from pmss_dist.train.checkpoint import DATA_KEY, EXAMPLES_KEY, TOKENIZER_KEY, CheckpointManager, step_name
 from pmss_dist.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from pmss_dist.train.run_dir import RunDir, RunDirError, RunLock
 
@@ -83,7 +86,7 @@ def resolve_base_dir(cfg: TrainConfig, run_dir: RunDir, env: DistEnv) -> Path:
     base = run_dir.base_dir(cfg.model.path)
     if cfg.model.path == BUILTIN_TINY:
         if env.is_main:
-            write_tiny_checkpoint(base, seed=0)
+            publish_dir(base, lambda staging: write_tiny_checkpoint(staging, seed=0))
         dist.barrier()
     return base
 
@@ -100,6 +103,9 @@ def claim_output_dir(cfg: TrainConfig, run_dir: RunDir, env: DistEnv) -> None:
             note = RunLock(run_dir.lock).acquire()
             if note:
                 print_main(note)
+            left = run_dir.reopen()
+            if left:
+                print_main(f"note: removed what a killed write left in {run_dir.root}: {', '.join(left)}")
         except (RunDirError, OSError) as err:
             error = str(err) if isinstance(err, RunDirError) else f"cannot use output_dir={cfg.output_dir}: {err}"
     verdict = [error]
@@ -284,7 +290,9 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint, env.rank, model=model, optimizer=optimizer,
                                     scheduler=scheduler, sampler=sampler, config=to_dict(cfg), base_dir=base_dir,
                                     base_fingerprint=fingerprint, selection_file=run_dir.selection,
-                                    identity={**run_identity(to_dict(cfg)), EXAMPLES_KEY: len(dataset)})
+                                    identity={**run_identity(to_dict(cfg)), EXAMPLES_KEY: len(dataset),
+                                              DATA_KEY: samples_fingerprint(dataset),
+                                              TOKENIZER_KEY: tokenizer_fingerprint(base_dir)})
     run = Run(cfg, env, run_dir, model, params, replicated_parameters(model), optimizer, scheduler, sampler, dataset,
               tokenizer, checkpoints, base_dir, hf_config, fingerprint, grad_accum)
     if cfg.data.eval_every:
@@ -333,11 +341,32 @@ def train_step(run: Run) -> tuple[float, float, float]:
     # The loss is the previous update's verdict: checked before this step changes anything.
     reason = divergence(step_loss, grad_norm, run.losses, cfg.checkpoint.divergence_factor)
     if reason:
+        first = run.start_step == 0 and not run.losses  # no update yet: every weight is the base's
+        damaged = None if math.isfinite(step_loss) else nonfinite_base_weight(run.model, trainable_too=first)
+        if damaged:
+            raise ConfigError(f"model.path={cfg.model.path}: the base checkpoint holds non-finite values (NaN or "
+                              f"Inf) in {damaged}; it is damaged: convert or download it again")
         raise DivergenceError(f"training diverged at step {run.sampler.step}: {reason}")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     return step_loss, grad_norm, global_tokens
+
+
+def nonfinite_base_weight(model: torch.nn.Module, trainable_too: bool) -> str | None:
+    """The first frozen weight (and trainable one, before any update), by name, that holds NaN or
+    Inf on any rank, or None (collective). Asked only when a loss is not finite: a damaged base is
+    the user's to fix, not a divergence. Quantized weights are not looked at."""
+    mine = None
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if ((trainable_too or not param.requires_grad) and type(local.data) is torch.Tensor
+                and not torch.isfinite(local).all()):
+            mine = name
+            break
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, mine)
+    return next((name for name in found if name), None)
 
 
 def probe_loss(run: Run) -> float:
@@ -430,21 +459,31 @@ def fit(run: Run, stop: StopRequest) -> dict:
     as_trained = TrainedBase.of_run(to_dict(cfg)["model"])
     if env.is_main:
         if not full:  # a full fine-tuning run's weights are its checkpoints (and merged/)
-            save_adapter(run.model, run_dir.adapter, adapter_meta(to_dict(cfg)["adapter"], str(run.base_dir),
-                                                                  run.fingerprint))
+            save_adapter(run.model, run_dir.adapter, {**adapter_meta(to_dict(cfg)["adapter"], str(run.base_dir),
+                                                                     run.fingerprint), "step": len(losses)})
         run_dir.write_json(run_dir.config, to_dict(cfg))
     dist.barrier()
     if cfg.export_merged and not stopped_by:
         # The servable result in the base's own file layout: the base with the adapter folded in,
         # or the fully trained weights read back from the final checkpoint. Each rank writes a
         # share of the weight files, one tensor (adapter) or one file (full) in memory at a time.
+        # Written into a staging directory and renamed into place once every rank's files are
+        # there: merged/ is the whole previous export or the whole new one, never a mix.
+        if env.is_main:
+            begin_staged(run_dir.merged)
+        dist.barrier()
+        staging = staging_dir(run_dir.merged)
         if full:
-            export_full(run_dir.checkpoints / step_name(cfg.max_steps), run.base_dir, run_dir.merged,
-                        progress=env.is_main, rank=env.rank, world_size=env.world_size)
+            write_full(run_dir.checkpoints / step_name(cfg.max_steps), run.base_dir, staging,
+                       progress=env.is_main, rank=env.rank, world_size=env.world_size)
         else:
-            export_merged(run_dir.adapter, run.base_dir, run_dir.merged, progress=env.is_main,
-                          rank=env.rank, world_size=env.world_size, as_trained=as_trained)
+            write_merged(run_dir.adapter, run.base_dir, staging, progress=env.is_main,
+                         rank=env.rank, world_size=env.world_size, as_trained=as_trained)
             summary["merged_into"] = ORIGINAL_WEIGHTS if as_trained is None else as_trained.describe()
+        dist.barrier()
+        if env.is_main:
+            verify_hf_export(staging, run.base_dir)
+            publish_staged(run_dir.merged)
         dist.barrier()
     if env.is_main:  # written last: its presence means everything above is on disk
         run_dir.write_json(run_dir.summary, summary)
