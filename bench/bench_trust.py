@@ -2,9 +2,9 @@
 of a base checkpoint.
 
 1. Publication. A checkpoint of N MiB saved with DCP's own ``FileSystemWriter`` (fsync on, as in
-   training) against ``train.storage.HashingWriter`` (SHA-256 of every file computed from the bytes
+   training) against ``checkpoints.storage.HashingWriter`` (SHA-256 of every file computed from the bytes
    as they are written), and against hashing afterwards by reading the files back; plus the cost
-   of verifying them on resume (``train.checkpoint.verify``).
+   of verifying them on resume (``checkpoints.record.verify``).
 2. Loading the base. ``build_model`` with the base's weights read (what a run's start-up pays),
    against the content fingerprint computed cold (every weight file hashed), from the cache, and
    the header-only fingerprint of earlier versions.
@@ -35,8 +35,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 from pmss_dist.build import build_model
 from pmss_dist.hf.load import base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint, read_hf_config
 from pmss_dist.models.builtin import write_tiny_checkpoint
-from pmss_dist.train.checkpoint import verify
-from pmss_dist.train.storage import HashingWriter
+from pmss_dist.checkpoints.record import verify
+from pmss_dist.checkpoints.storage import HashingWriter
 
 warnings.filterwarnings("ignore", message=".*assuming the intent is to")
 

@@ -23,7 +23,7 @@ from pmss_dist.adapters.quantize import tensor_bytes
 from pmss_dist.config import ParallelConfig
 from pmss_dist.hf.load import base_parameters, check_hf_weights, load_hf_weights
 from pmss_dist.models import build_decoder, init_rope_caches
-from pmss_dist.parallel.env import print_main
+from pmss_dist.console import print_main
 from pmss_dist.parallel.parallelize import parallelize, rank_memory_bytes, resolve_reshard_after_forward
 
 # Inference and selection: no compile, no activation checkpointing, reshard after every forward.

@@ -2,11 +2,15 @@
 
 Every key is checked against the dataclasses below before any work starts; an unknown key, a
 value of the wrong type or an impossible value stops the run with a message naming the key.
+YAML that a config has no use for and that can hurt is refused at its line: aliases (``*name``:
+an alias bomb expands to gigabytes), duplicate keys (YAML keeps the last one silently), nesting
+deeper than `MAX_YAML_DEPTH`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -15,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from pmss_dist.errors import ConfigError
 from pmss_dist.adapters.layers import ADAPTER_KINDS, FULL, TARGET_ALIASES, AdapterSpec
 from pmss_dist.adapters.quantize import QUANTIZE_FORMATS
+from pmss_dist.data.quote import cut, quote
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "instruction", "chat", "qa")
@@ -28,12 +34,16 @@ SELECTION_METHODS = ("deim", "qdeim", "leverage", "norm", "random")
 SVD_MODES = ("auto", "exact", "randomized")
 
 
+# A config is three levels deep at most (data.columns.question); deeper YAML is a mistake or an
+# attack, and composing it recursively would overflow Python's stack.
+MAX_YAML_DEPTH = 32
+# Keys that name a file or directory: an empty one would silently mean the current directory.
+PATH_KEYS = ("output_dir", "model.path", "data.source", "data.eval_source", "adapter.selection_file",
+             "checkpoint.resume")
+INT_BOUNDS = (-(2**63), 2**63 - 1)  # ints travel as int64 (seeds, steps, sizes in tensors and torch calls)
+
 # model.path of the built-in base: the trainer writes models.builtin.TINY_CONFIG into the run directory.
 BUILTIN_TINY = "builtin:tiny"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -138,7 +148,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            raw = _parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+            raw = _parse_yaml(path.read_text(encoding="utf-8"), str(path), in_file=True) or {}
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
         if not isinstance(raw, dict):
@@ -146,30 +156,85 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. max_steps=5, adapter.rank=8)")
-        parsed = _parse_yaml(value, f"override {item!r}") if value.strip() else None
+            raise ConfigError(f"override {quote(item)} is not key=value (e.g. max_steps=5, adapter.rank=8)")
+        parsed = _parse_yaml(value, f"override {quote(item)}", in_file=False) if value.strip() else None
         _set_dotted(raw, key.strip(), parsed)
     cfg = _build(TrainConfig, raw, prefix="")
     validate(cfg)
     return cfg
 
 
-def _parse_yaml(text: str, where: str):
-    """YAML through the safe loader; a syntax error or a tag that would build a Python object is a
-    ConfigError naming ``where`` and the line (``where`` is a file, or an override)."""
+def _parse_yaml(text: str, where: str, *, in_file: bool):
+    """YAML through the safe loader; a syntax error, a tag that would build a Python object or YAML
+    a config refuses (`_ConfigLoader`) is a ConfigError naming ``where`` (a file, or an override)
+    and, ``in_file``, the line."""
+    loader = _ConfigLoader(text, where, in_file)
     try:
-        return yaml.safe_load(text)
+        return loader.get_single_data()
     except yaml.YAMLError as err:
-        in_file = not where.startswith("override")
         mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
-        line = f":{mark.line + 1}" if mark is not None and in_file else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         if context is not None and in_file and getattr(err, "context", None) and context.line != mark.line:
             problem += f" ({err.context} started on line {context.line + 1})"
         hint = ("only plain YAML values are allowed (no !!python tags)"
                 if isinstance(err, yaml.constructor.ConstructorError)
                 else "fix the YAML syntax (quote values with special characters)")
-        raise ConfigError(f"{where}{line}: {problem}; {hint}") from None
+        raise ConfigError(f"{loader.at(mark)}: {cut(problem)}; {hint}") from None
+    finally:
+        loader.dispose()
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader, refusing at their line what a config has no use for: aliases, duplicate
+    keys, nesting deeper than `MAX_YAML_DEPTH`, integers Python will not read (over 4300 digits)."""
+
+    def __init__(self, text: str, where: str, in_file: bool):
+        super().__init__(text)
+        self.where, self.in_file, self.depth = where, in_file, 0
+
+    def at(self, mark) -> str:
+        """``where``, with the line of ``mark`` in a file (an override is one line)."""
+        return f"{self.where}:{mark.line + 1}" if mark is not None and self.in_file else self.where
+
+    def refuse(self, mark, problem: str, fix: str):
+        raise ConfigError(f"{self.at(mark)}: {problem}; {fix}")
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):  # refused before it is expanded
+            self.refuse(event.start_mark, f"YAML alias *{cut(event.anchor)}",
+                        "a config takes no anchors or aliases: write the value out")
+        if self.depth == MAX_YAML_DEPTH:
+            self.refuse(event.start_mark, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                        "a config is at most three levels deep (data.columns.question)")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the safe loader refuses it below
+                continue
+            if duplicate:
+                self.refuse(key_node.start_mark, f"duplicate key {quote(key)}", "keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python reads at most 4300 decimal digits
+            self.refuse(node.start_mark, f"an integer of {len(node.value)} digits",
+                        "integers must fit in 64 bits")
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -177,18 +242,18 @@ def _set_dotted(tree: dict, key: str, value) -> None:
     for p in parents:
         tree = tree.setdefault(p, {})
         if not isinstance(tree, dict):
-            raise ConfigError(f"override {key}: {p} is not a section")
+            raise ConfigError(f"override {cut(key)}: {cut(p)} is not a section")
     tree[leaf] = value
 
 
 def _build(cls, raw: dict, prefix: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {quote(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted((key for key in raw if key not in names), key=str)  # YAML keys may be numbers
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys here: {sorted(names)}")
+        raise ConfigError(f"unknown config key {prefix}{cut(str(unknown[0]))}; valid keys here: {sorted(names)}")
     kwargs = {}
     for name, value in raw.items():
         kind = hints[name]
@@ -213,17 +278,20 @@ def _coerce(key: str, kind, value):
         return _coerce(key, kinds[-1], value)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return {_coerce(f"{key} (a key)", args[0], k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
+            raise ConfigError(f"{key} must be a mapping, got {quote(value)}")
+        return {_coerce(f"{key} (a key)", args[0], k): _coerce(f"{key}.{cut(str(k))}", args[1], v)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {quote(value)}")
         return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
     if kind is bool:
         if isinstance(value, bool):
             return value
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_BOUNDS[0] <= value <= INT_BOUNDS[1]:
+                raise ConfigError(f"{key} must fit in 64 bits, got {quote(value)}")
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -236,12 +304,12 @@ def _coerce(key: str, kind, value):
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    raise ConfigError(f"{key} must be {getattr(kind, '__name__', kind)}, got {quote(value)}")
 
 
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+        raise ConfigError(f"{key}={quote(value)} is not one of {list(choices)}")
 
 
 def _check_float(key: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False,
@@ -256,6 +324,8 @@ def _check_float(key: str, value: float, low: float, high: float = math.inf, *, 
 
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no model and no process group (those follow at start-up)."""
+    for key in PATH_KEYS:
+        _check_path(key, _value(cfg, key))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.quantize", cfg.model.quantize, QUANTIZE_FORMATS)
     if cfg.model.quantize != "none" and cfg.adapter.kind == FULL:
@@ -313,6 +383,31 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.batch_size % cfg.data.micro_batch_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                           f"data.micro_batch_size={cfg.data.micro_batch_size}")
+
+
+def _value(cfg: TrainConfig, key: str):
+    """The value of a dotted key."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _check_path(key: str, value: str | None) -> None:
+    if value is None:  # an optional path, not given
+        return
+    if not value.strip():
+        raise ConfigError(f"{key} is empty; give a path (or leave the key out for its default)")
+    if "\0" in value:
+        raise ConfigError(f"{key} holds a NUL character, which no path can; fix the value")
+
+
+def check_seq_len(cfg: TrainConfig, hf_config: dict) -> None:
+    """``data.seq_len`` within the model's context (config.json's ``max_position_embeddings``; a
+    config.json without it sets no limit): the RoPE caches and every batch are ``seq_len`` long,
+    and the model never saw positions past its context. Called where config.json is read."""
+    limit = hf_config.get("max_position_embeddings")
+    if isinstance(limit, int) and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
+                          f"(max_position_embeddings={limit} in its config.json); lower data.seq_len "
+                          f"to at most {limit}")
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:

@@ -7,6 +7,7 @@ it, and nothing else ever carries those names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -14,14 +15,20 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from pmss_dist.errors import OutputPathError
+
 _TMP = ".pmss-tmp."  # atomic_write's file being written
 _STAGING = ".pmss-staging."  # a directory being written, published by rename
 _OLD = ".pmss-old."  # the directory a publication replaces, removed once the new one is in place
 
 
-class OutputPathError(ValueError):
-    """An output path that is not ours to write: a device, a FIFO, a file where a directory goes,
-    or an input of the same command."""
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_output_file(path: str | Path) -> None:

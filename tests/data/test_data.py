@@ -15,8 +15,8 @@ from pmss_dist.data import examples as D
 from pmss_dist.data import rows as datasets
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.config import ConfigError, DataConfig, load_config
-from pmss_dist.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer,
-                                  render_chat)
+from pmss_dist.data.chat_template import render_chat
+from pmss_dist.data.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer
 
 IGNORE = D.IGNORE_INDEX
 CORPUS = ["Question: what is two plus two?\nAnswer: four", "The cat sat on the mat.\n",

@@ -20,7 +20,7 @@ from test_load import make_hf_checkpoint  # noqa: E402
 from pmss_dist.adapters.layers import AdapterSpec  # noqa: E402
 from pmss_dist.build import build_model  # noqa: E402
 from pmss_dist.hf.load import read_hf_config  # noqa: E402
-from pmss_dist.models import FAMILIES  # noqa: E402
+from pmss_dist.models import FAMILIES, HFCheckpointError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,27 @@ def test_llama3_scaling_without_its_factors_is_refused(checkpoints, monkeypatch)
 ], ids=["kv-heads", "heads", "intermediate", "vocab", "layers", "head-dim"])
 def test_config_contradicting_weights_names_the_field(checkpoints, monkeypatch, changes, message):
     with pytest.raises(ValueError, match=message):
+        build_with(monkeypatch, checkpoints["llama"], **changes)
+
+
+# The shared fields every build reads, each of a kind torch would fail on deep in the build (or
+# build a model of no checkpoint): refused naming the field, with the checkpoint's own config.json.
+@pytest.mark.parametrize("changes,message", [
+    (dict(vocab_size=None), r"config.json has no vocab_size: set it to the model's own value"),
+    (dict(num_hidden_layers=2.0), r"num_hidden_layers=2.0 is not a positive integer"),
+    (dict(num_key_value_heads=0), r"num_key_value_heads=0 is not a positive integer"),
+    (dict(max_position_embeddings=-64), r"max_position_embeddings=-64 is not a positive integer"),
+    (dict(num_key_value_heads=3), r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (dict(num_attention_heads=3, num_key_value_heads=1, head_dim=None),
+     r"hidden_size=32 is not a multiple of num_attention_heads=3, and there is no head_dim"),
+    (dict(rms_norm_eps="1e-5"), r"rms_norm_eps='1e-5' is not a positive number"),
+    (dict(rope_theta=-1.0), r"rope_theta=-1.0 is not a positive number"),
+    (dict(rope_scaling=["llama3"]), r"rope_scaling=\['llama3'\] is not an object"),
+    (dict(architectures="LlamaForCausalLM"), r"architectures is 'LlamaForCausalLM', not a list of class names"),
+], ids=["missing", "float", "zero-kv-heads", "negative", "kv-groups", "heads-of-hidden", "eps", "theta",
+        "scaling-list", "architectures-string"])
+def test_config_field_of_the_wrong_kind_is_refused(checkpoints, monkeypatch, changes, message):
+    with pytest.raises(HFCheckpointError, match=message):
         build_with(monkeypatch, checkpoints["llama"], **changes)
 
 

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from conftest import FAST, REPO, job_cmd, job_env, run_direct, run_job, summary
 
-from pmss_dist.train import storage
-from pmss_dist.train.checkpoint import (CheckpointError, newest_valid, prunable, published_checkpoints, read_manifest,
-                                        verify)
+from pmss_dist.checkpoints import storage
+from pmss_dist.checkpoints.record import (CheckpointError, newest_valid, prunable, published_checkpoints, read_manifest,
+                                          verify)
 from pmss_dist.train.run_dir import RunDir, RunDirError, RunLock, process_start
 
 # Four steps, a checkpoint every two (step_000002, step_000004), about five seconds.

@@ -17,7 +17,8 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from pmss_dist.adapters.selection import Selection, _is_dtensor, check_selection_args, select_skeleton
+from pmss_dist.adapters.selection import (Selection, SelectionError, _is_dtensor, check_selection_args,
+                                          select_skeleton)
 
 PROGRESS_EVERY_S = 10.0
 
@@ -80,30 +81,43 @@ def _select_distributed(weights, original, ks, names, method, seed, svd, process
     shard_lengths = {n: [everyone[r][n][2] for r in range(world)] for n in names}
 
     meter = _Progress(len(names), enabled=progress and dist.get_rank() == 0)  # one line per job, not per replica
-    results: dict[str, tuple[list[int], list[int]] | str] = {}
+    results: dict[str, tuple[list[int], list[int]]] = {}
+    failures: dict[str, tuple[bool, str]] = {}  # layer -> (the input's fault, message)
     schedule = sorted(names, key=lambda n: (-_svd_cost(weights[n].shape), n))
     for start in range(0, len(schedule), world):
         batch = schedule[start:start + world]
         full = _receive_round(batch, original, layouts, shard_lengths, me, group)
         if full is not None:
             n = batch[me]
+            # A failure keeps this rank in the collectives; it is raised on every rank at the end.
             try:
                 rows, cols = select_skeleton(full, ks[n], method, seed=seed, svd=svd, name=n)
                 results[n] = (rows.tolist(), cols.tolist())
+            except SelectionError as e:
+                failures[n] = (True, str(e))
             except (ValueError, RuntimeError) as e:
-                # Keep taking part in the collectives; the error is raised on every rank at the end.
-                results[n] = f"{type(e).__name__}: {e}"
+                failures[n] = (False, f"{type(e).__name__}: {e}")
             del full
         meter.update(min(start + world, len(names)))
 
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, results, group=group)
-    merged = {k: v for part in gathered for k, v in part.items()}
-    errors = [v for v in merged.values() if isinstance(v, str)]
-    if errors:
-        raise ValueError(f"skeleton selection failed for {len(errors)} layer(s): " + "; ".join(errors[:3]))
+    dist.all_gather_object(gathered, (results, failures), group=group)
+    merged = {k: v for part, _ in gathered for k, v in part.items()}
+    failed = {k: v for _, part in gathered for k, v in sorted(part.items())}
+    if failed:
+        raise _failure(failed)
     return {n: (torch.tensor(merged[n][0], dtype=torch.int64), torch.tensor(merged[n][1], dtype=torch.int64))
             for n in names}
+
+
+def _failure(failed: dict[str, tuple[bool, str]]) -> Exception:
+    """One error for the layers that failed, the same on every rank: a `SelectionError` (one line
+    for the user) when each was refused for its input, else a ValueError (a bug, with its traceback)."""
+    messages = [message for _, message in failed.values()]
+    if all(refused for refused, _ in failed.values()):
+        more = f" (and {len(messages) - 1} more layer(s))" if len(messages) > 1 else ""
+        return SelectionError(messages[0] + more)
+    return ValueError(f"skeleton selection failed for {len(messages)} layer(s): " + "; ".join(messages[:3]))
 
 
 def _svd_cost(shape) -> int:

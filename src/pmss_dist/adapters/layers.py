@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from pmss_dist.errors import ConfigError
 from pmss_dist.adapters.quantize import (QUANTIZE_FORMATS, check_quantizable, dequantize, empty_nf4, frozen_linear,
                                          quantize_rows)
 
@@ -295,7 +296,6 @@ def apply_adapters(model: nn.Module, spec: AdapterSpec, *, shards: int = 1,
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
             limit = min(child.in_features, child.out_features) if spec.kind == "pmss" else None
             if limit is not None and spec.size > limit:
-                from pmss_dist.config import ConfigError  # here: pmss_dist.config imports this module
 
                 raise ConfigError(f"adapter.rank={spec.size} is larger than layer {full_name} allows "
                                  f"({child.out_features}x{child.in_features}: k <= {limit}); lower adapter.rank")

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pmss_dist.errors import ConfigError
+
 QUANTIZE_FORMATS = ("none", "nf4", "int8")
 NF4_BLOCK = 64  # weights per scale
 NF4_SCALER_BLOCK = 256  # scales per double-quantization factor: torchao's and QLoRA's, where it divides
@@ -46,7 +48,6 @@ def check_quantizable(name: str, shape: tuple[int, int], fmt: str, shards: int) 
     blocks (as torchao's NF4 all-gather requires)."""
     if fmt != "nf4":
         return
-    from pmss_dist.config import ConfigError  # here: pmss_dist.config imports this module
 
     d_out, d_in = shape
     if d_out * d_in % NF4_BLOCK:

@@ -19,6 +19,9 @@ from typing import Mapping
 
 import torch
 
+from pmss_dist.errors import SelectionError
+from pmss_dist.data.quote import cut, quote
+from pmss_dist.data.rows import JSON_ERRORS, json_problem
 from pmss_dist.files import atomic_write
 
 METHODS = ("deim", "qdeim", "leverage", "norm", "random")
@@ -36,6 +39,7 @@ _FILE_FORMAT = "pmss_dist.selection"  # the file format's name (it predates the 
 _FILE_VERSION = 1
 
 Selection = tuple[torch.Tensor, torch.Tensor]
+_INT64_LIMIT = 2**63  # indices are held as int64
 
 
 def select_skeleton(weight: torch.Tensor, k: int, method: str = "deim", *, seed: int = 0,
@@ -51,8 +55,8 @@ def select_skeleton(weight: torch.Tensor, k: int, method: str = "deim", *, seed:
     w = weight.detach().cpu().to(torch.float64)
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{name}: weight has {bad} non-finite (NaN/Inf) entries of {w.numel()}; "
-                         "cannot select a skeleton from it")
+        raise SelectionError(f"{name}: the base checkpoint holds non-finite values (NaN or Inf) in this weight "
+                             f"({bad} of {w.numel()}); it is damaged: convert or download it again")
 
     if method == "norm":
         rows = _top_k(torch.linalg.vector_norm(w, dim=1), k)
@@ -233,68 +237,91 @@ def save_selection(path, selections: Mapping[str, Selection], *, method: str, k:
 def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerprint: str,
                    shapes: Mapping[str, tuple[int, int]] | None = None,
                    header_fingerprint: str | None = None) -> dict[str, Selection]:
-    """Read a selection file, refusing one made for another base, method, k, seed or model. A file
-    written before content fingerprints records the base's header fingerprint
-    (``hf.load.header_fingerprint``): it is accepted when it equals ``header_fingerprint``."""
+    """Read a selection file, refusing one made for another base, method, k, seed or model, and
+    any entry that is not k distinct in-range indices per side (`SelectionError`, naming the file
+    and the layer). A file written before content fingerprints records the base's header
+    fingerprint (``hf.load.header_fingerprint``): it is accepted when it equals ``header_fingerprint``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"selection file {path} does not exist")
+    hint = "delete it or point selection_file elsewhere"
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"selection file {path} is not valid JSON ({e}); delete it or point "
-                         "selection_file elsewhere") from None
+    except UnicodeDecodeError as e:
+        raise SelectionError(f"selection file {path} is not valid JSON ({e}); {hint}") from None
+    except JSON_ERRORS as e:
+        raise SelectionError(f"selection file {path} is not valid JSON ({json_problem(e)}); {hint}") from None
     if not isinstance(doc, dict) or doc.get("format") != _FILE_FORMAT:
-        raise ValueError(f"{path} is not a pmss_dist selection file")
+        raise SelectionError(f"{path} is not a pmss_dist selection file")
     if doc.get("version") != _FILE_VERSION:
-        raise ValueError(f"selection file {path} has format version {doc.get('version')}, "
-                         f"this code reads version {_FILE_VERSION}")
+        raise SelectionError(f"selection file {path} has format version {quote(doc.get('version'))}, "
+                             f"this code reads version {_FILE_VERSION}")
 
-    hint = "delete it or point selection_file elsewhere"
     if header_fingerprint is not None and doc.get("base_fingerprint") == header_fingerprint:
         base_fingerprint = header_fingerprint  # an older file: the base is checked by its headers
     expected = {"base fingerprint": ("base_fingerprint", base_fingerprint), "method": ("method", method),
                 "k (adapter.rank)": ("rank", _json_k(k)), "seed": ("seed", int(seed))}
     for what, (key, want) in expected.items():
         if doc.get(key) != want:
-            raise ValueError(f"selection file {path} was made for {what} {doc.get(key)!r}, "
-                             f"this run's {what} is {want!r}; {hint}")
+            raise SelectionError(f"selection file {path} was made for {what} {quote(doc.get(key))}, "
+                                 f"this run's {what} is {want!r}; {hint}")
 
     layers = doc.get("layers")
     if not isinstance(layers, dict):
-        raise ValueError(f"selection file {path} has no 'layers' table")
+        raise SelectionError(f"selection file {path} has no 'layers' table")
     if shapes is not None:
         missing = sorted(set(shapes) - set(layers))
         extra = sorted(set(layers) - set(shapes))
         if missing or extra:
-            raise ValueError(f"selection file {path} covers other layers than this model: missing "
-                             f"{_few(missing)}, not in the model {_few(extra)}; {hint}")
+            raise SelectionError(f"selection file {path} covers other layers than this model: missing "
+                                 f"{_few(missing)}, not in the model {_few(extra)}; {hint}")
 
     out = {}
     for name, entry in layers.items():
-        rows, cols = entry.get("rows"), entry.get("cols")
-        stored = tuple(entry["shape"]) if entry.get("shape") is not None else None
+        where = f"selection file {path}: {cut(name)}"
+        if not isinstance(entry, dict):
+            raise SelectionError(f"{where} must be an object with rows and cols, got {quote(entry)}; {hint}")
+        stored = _shape(where, entry.get("shape"))
         want = tuple(shapes[name]) if shapes is not None else None
         if want is not None and stored is not None and stored != want:
-            raise ValueError(f"selection file {path} was made for {name} of shape {stored}, this "
-                             f"model's is {want}; {hint}")
-        bounds = want or stored
-        _check_indices(path, name, rows, cols, bounds)
+            raise SelectionError(f"selection file {path} was made for {cut(name)} of shape {stored}, this "
+                                 f"model's is {want}; {hint}")
+        size = _json_k(k).get(name) if isinstance(k, Mapping) else k
+        if size is None:
+            raise SelectionError(f"{where}: this run gives no k for the layer; {hint}")
+        rows, cols = entry.get("rows"), entry.get("cols")
+        for label, idx, dim in (("rows", rows, 0), ("cols", cols, 1)):
+            _check_indices(f"{where}.{label}", idx, size, (want or stored or (None, None))[dim])
         out[name] = (torch.tensor(rows, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64))
     return out
 
 
-def _check_indices(path, name, rows, cols, bounds) -> None:
-    for label, idx, dim in (("rows", rows, 0), ("cols", cols, 1)):
-        if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
-            raise ValueError(f"selection file {path}: {name}.{label} is not a list of ints")
-        if len(set(idx)) != len(idx) or not idx:
-            raise ValueError(f"selection file {path}: {name}.{label} is empty or repeats an index")
-        if bounds is not None and not all(0 <= i < bounds[dim] for i in idx):
-            raise ValueError(f"selection file {path}: {name}.{label} has an index outside "
-                             f"[0, {bounds[dim]}) for weight shape {tuple(bounds)}")
-    if len(rows) != len(cols):
-        raise ValueError(f"selection file {path}: {name} has {len(rows)} rows but {len(cols)} cols")
+def _shape(where: str, shape) -> tuple[int, int] | None:
+    """A layer's stored weight shape: null, or two positive integers."""
+    if shape is None:
+        return None
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+        raise SelectionError(f"{where}.shape must be null or two positive integers, got {quote(shape)}")
+    return tuple(shape)
+
+
+def _check_indices(where: str, idx, k: int, bound: int | None) -> None:
+    """``k`` distinct indices into ``bound`` rows or columns (``None``: a file saved without shapes,
+    for a caller that gave none: then any int64)."""
+    if not isinstance(idx, list) or not all(_is_int(i) for i in idx):
+        raise SelectionError(f"{where} must be a list of integers, got {quote(idx)}")
+    if len(idx) != k:
+        raise SelectionError(f"{where} has {len(idx)} indices, k is {k}")
+    if len(set(idx)) != len(idx):
+        raise SelectionError(f"{where} repeats an index")
+    limit = bound if bound is not None else _INT64_LIMIT
+    if not all(0 <= i < limit for i in idx):
+        raise SelectionError(f"{where} has an index outside [0, {limit})"
+                             + (" for the layer's weight" if bound is not None else " (the file records no shape)"))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false load as bools, which are ints
 
 
 def _json_k(k):
@@ -305,4 +332,4 @@ def _json_k(k):
 
 
 def _few(names: list[str], n: int = 3) -> str:
-    return "[]" if not names else "[" + ", ".join(names[:n]) + (", ..." if len(names) > n else "") + "]"
+    return "[]" if not names else "[" + ", ".join(map(cut, names[:n])) + (", ..." if len(names) > n else "") + "]"

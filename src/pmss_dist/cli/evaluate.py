@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pmss_dist.errors import ConfigError
 from pmss_dist.data import examples as data_lib
 from pmss_dist.data import rows as datasets
 from pmss_dist.data.tokenizers import TokenizerError, load_tokenizer
 from pmss_dist.eval.model import load_eval_model
 from pmss_dist.eval.scoring import score_choices, score_generations, summarize
 from pmss_dist.files import OutputPathError, atomic_write, check_not_over_inputs, check_output_file
-from pmss_dist.parallel.env import init_distributed, print_main, shutdown
+from pmss_dist.console import print_main
+from pmss_dist.parallel.env import init_distributed, shutdown
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--out")
         check_output_file(args.out)
         run(args)
-    except (datasets.DataError, TokenizerError, FileNotFoundError, OutputPathError) as err:
+    except (ConfigError, datasets.DataError, TokenizerError, FileNotFoundError, OutputPathError) as err:
         # Every rank reads the same files and fails the same way, before any collective.
         print(f"evaluate: {err}", file=sys.stderr)
         return 2

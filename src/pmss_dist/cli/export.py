@@ -36,7 +36,7 @@ from pmss_dist.cli.hf_to_gguf import add_type_argument
 from pmss_dist.files import check_not_over_inputs
 from pmss_dist.gguf.from_hf import convert_hf_to_gguf
 from pmss_dist.hf.export import TrainedBase, export_full, export_merged, export_peft
-from pmss_dist.train.checkpoint import CheckpointError, extract_adapter, newest_valid, read_record
+from pmss_dist.checkpoints.record import CheckpointError, extract_adapter, newest_valid, read_record
 from pmss_dist.train.run_dir import RunDir
 
 

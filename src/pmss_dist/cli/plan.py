@@ -21,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from pmss_dist.config import ConfigError, load_config
+from pmss_dist.errors import ConfigError
+from pmss_dist.config import load_config
 
 # An H100-80GB node: ~790 TFLOP/s measured dense bf16 per GPU; NVLink 4 (450 GB/s per direction,
 # ~80% reached by NCCL's ring collectives: 360 GB/s = 2880 Gb/s); one 400 Gb/s InfiniBand NDR NIC per

@@ -8,17 +8,13 @@ import argparse
 import os
 import sys
 
-from pmss_dist.config import ConfigError, load_config
-from pmss_dist.data.rows import DataError
-from pmss_dist.data.tokenizers import TokenizerError
-from pmss_dist.train.checkpoint import CheckpointError
-from pmss_dist.train.run_dir import RunDirError
-from pmss_dist.train.trainer import EXIT_REQUEUE, DivergenceError, train
+from pmss_dist.config import load_config
+from pmss_dist.errors import USER_ERRORS, ConfigError
+from pmss_dist.train.trainer import EXIT_REQUEUE, train
 
-# Errors a user causes (config, data, checkpoints, the output directory, a diverging lr): raised on
-# every rank alike, printed in one line by rank 0, exit code 2, no traceback. Anything else is a bug
-# and keeps its traceback, on the rank it happened on.
-USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, RunDirError, DivergenceError)
+# Errors a user causes (`errors.USER_ERRORS`: config, data, checkpoints, the output directory, a
+# diverging lr): raised on every rank alike, printed in one line by rank 0, exit code 2, no
+# traceback. Anything else is a bug and keeps its traceback, on the rank it happened on.
 EXIT_USER_ERROR = 2
 
 

@@ -15,8 +15,9 @@ import random
 
 from pmss_dist.data import rows as datasets
 from pmss_dist.data.packing import pack_samples
-from pmss_dist.data.tokenizers import TokenizerError, render_chat
-from pmss_dist.parallel.env import print_main
+from pmss_dist.data.chat_template import render_chat
+from pmss_dist.data.tokenizers import TokenizerError
+from pmss_dist.console import print_main
 
 IGNORE_INDEX = -100
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
@@ -135,6 +136,8 @@ def _report(message: str) -> None:
 
 def _examples(source: str, data_cfg, seed: int, held_out: bool, bad: datasets.BadRows) -> list[dict]:
     if source == BUILTIN_ARITHMETIC:
+        if data_cfg.prompt_template is not None:
+            datasets.check_template(data_cfg.prompt_template, "qa")
         rows = arithmetic_rows(data_cfg.num_samples, seed, held_out=held_out)
         bad.total += len(rows)
         return arithmetic_examples(rows, data_cfg.prompt_template)

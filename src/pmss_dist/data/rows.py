@@ -16,17 +16,27 @@ An example is ``{"prompt", "response", "where"}`` or ``{"messages", "where"}``; 
 ``file:line`` (``file:row N`` for Parquet) so every later error can name its row.
 
 A malformed row either stops the load with ``DataError`` naming file and line (``on_bad_row=
-"error"``) or is counted in a ``BadRows`` report and left out (``"skip"``): never silently.
+"error"``) or is counted in a ``BadRows`` report and left out (``"skip"``): never silently. A row is
+malformed when it is not what its format says, and also when Python cannot read it (JSON nested
+too deeply, an integer of more than 4300 digits) or its text is not Unicode (a lone surrogate,
+which JSON's ``\\ud800`` escapes can write): nothing about a row reaches the tokenizer unchecked.
+A UTF-8 byte order mark (Excel writes one) is not part of the data.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from pmss_dist.errors import DataError
+from pmss_dist.data.quote import quote
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 FORMATS = ("instruction", "chat", "qa")
@@ -39,10 +49,6 @@ ALPACA_TEMPLATE = ("Below is an instruction that describes a task, paired with a
 ALPACA_NO_INPUT_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
                             "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 QA_TEMPLATE = "Question: {question}\nAnswer:\n"
-
-
-class DataError(ValueError):
-    pass
 
 
 class RowError(ValueError):
@@ -96,14 +102,28 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict | RowError]]:
     back as a ``RowError``. A file that cannot be read at all raises ``DataError``."""
     if path.suffix == ".parquet":
         yield from _parquet_records(path)
-    elif path.suffix == ".csv":
-        yield from _csv_records(path)
+        return
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    if path.suffix == ".csv":
+        yield from _csv_records(path, _decode(path, data))
+    elif path.suffix == ".json" and data.lstrip()[:1] == b"[":
+        yield from _json_array_records(path, _decode(path, data))
     else:
-        data = path.read_bytes()
-        if path.suffix == ".json" and data.lstrip()[:1] == b"[":
-            yield from _json_array_records(path, _decode(path, data))
-        else:
-            yield from _jsonl_records(path, data)
+        yield from _jsonl_records(path, data)
+
+
+# What json.loads raises besides JSONDecodeError: RecursionError for deep nesting, ValueError for
+# an integer of more than sys.get_int_max_str_digits() digits.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def json_problem(err: Exception) -> str:
+    """Why text is not JSON that Python reads, for a message (``err``: one of `JSON_ERRORS`)."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at column {err.colno}"
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return f"a number of more than {sys.get_int_max_str_digits()} digits"
 
 
 def _not_utf8(data: bytes, err: UnicodeDecodeError, start: int = 0) -> str:
@@ -133,16 +153,17 @@ def _jsonl_records(path: Path, data: bytes):
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield f"{path}:{line_no}", RowError(f"not valid JSON ({err.msg} at column {err.colno})")
+        except JSON_ERRORS as err:
+            yield f"{path}:{line_no}", RowError(f"not valid JSON ({json_problem(err)})")
             continue
         yield f"{path}:{line_no}", record if isinstance(record, dict) else RowError(
             f"expected a JSON object, got {type(record).__name__}")
 
 
 def _json_array_records(path: Path, text: str):
-    """Elements of a top-level JSON array, each with the line it starts on. A syntax error leaves
-    the rest of the array unreadable, so it stops the load whatever ``on_bad_row`` says."""
+    """Elements of a top-level JSON array, each with the line it starts on. An element that cannot
+    be read leaves the rest of the array unreadable, so it stops the load whatever ``on_bad_row``
+    says."""
     decoder = json.JSONDecoder()
     line, counted = 1, 0
 
@@ -161,8 +182,9 @@ def _json_array_records(path: Path, text: str):
     while pos < len(text) and text[pos] != "]":
         try:
             record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file") from err
+        except JSON_ERRORS as err:
+            line_no = err.lineno if isinstance(err, json.JSONDecodeError) else line_at(pos)
+            raise DataError(f"{path}:{line_no}: not valid JSON ({json_problem(err)}); fix the file") from None
         yield f"{path}:{line_at(pos)}", record if isinstance(record, dict) else RowError(
             f"expected a JSON object, got {type(record).__name__}")
         pos = skip_space(end)
@@ -188,8 +210,19 @@ def _parquet_records(path: Path):
             yield f"{path}:row {row}", record
 
 
-def _csv_records(path: Path):
-    with io.StringIO(_decode(path, path.read_bytes()), newline="") as f:
+def _csv_records(path: Path, text: str):
+    # The csv module refuses fields over 128 KiB (a guard for streamed input); this file is in
+    # memory already, and pandas and datasets read long fields, so no field is too long here.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    try:
+        yield from _csv_rows(path, text)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(path: Path, text: str):
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise DataError(f"{path}: empty CSV file (the first line must name the columns)")
@@ -213,8 +246,20 @@ def detect_format(record: dict, columns: dict[str, str]) -> str:
     for fmt, key in (("chat", "messages"), ("instruction", "instruction"), ("qa", "question")):
         if columns.get(key, key) in record:
             return fmt
-    raise DataError(f"cannot tell the format from columns {sorted(record)}: set data.format "
+    raise DataError(f"cannot tell the format from columns {quote(sorted(record))}: set data.format "
                     f"(one of {FORMATS}) and data.columns to map the file's columns")
+
+
+def _unicode(text: str, what: str) -> str:
+    """``text``, refused if it holds a lone surrogate: JSON's ``\\ud800`` escape can write one, and
+    it is not Unicode text (no tokenizer, file or terminal takes it)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RowError(f"{what} holds a lone surrogate ({text[err.start].encode('unicode_escape').decode()}) "
+                           f"at character {err.start + 1}") from None
+    return text
 
 
 def _text(record: dict, name: str, columns: dict[str, str], optional: bool = False) -> str:
@@ -228,17 +273,23 @@ def _text(record: dict, name: str, columns: dict[str, str], optional: bool = Fal
         raise RowError(f"field {column!r} must be text, got {type(value).__name__}")
     if not optional and not value.strip():
         raise RowError(f"field {column!r} is empty")
+    return _unicode(value, f"field {column!r}")
+
+
+def _json_list(record: dict, column: str):
+    """A field that holds a list, which a CSV cell can only hold as JSON text."""
+    value = record.get(column)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except JSON_ERRORS as err:
+            raise RowError(f"field {column!r} is text but not a JSON list ({json_problem(err)})") from None
     return value
 
 
 def _messages(record: dict, columns: dict[str, str]) -> list[dict]:
     column = columns.get("messages", "messages")
-    value = record.get(column)
-    if isinstance(value, str):  # CSV cells can only hold the list as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise RowError(f"field {column!r} is text but not a JSON list: {err.msg}") from err
+    value = _json_list(record, column)
     if not isinstance(value, list) or not value:
         raise RowError(f"field {column!r} must be a non-empty list of messages")
     role_key, content_key = columns.get("role", "role"), columns.get("content", "content")
@@ -247,24 +298,35 @@ def _messages(record: dict, columns: dict[str, str]) -> list[dict]:
         if not isinstance(m, dict) or role_key not in m or content_key not in m:
             raise RowError(f"message {i} must be an object with {role_key!r} and {content_key!r}")
         role, content = m[role_key], m[content_key]
-        if role not in ROLE_ALIASES:
-            raise RowError(f"message {i} has role {role!r}; expected one of {sorted(ROLE_ALIASES)}")
+        if not isinstance(role, str) or role not in ROLE_ALIASES:  # a list or dict is not even hashable
+            raise RowError(f"message {i} has role {quote(role)}; expected one of {sorted(ROLE_ALIASES)}")
         if not isinstance(content, str):
             raise RowError(f"message {i} content must be text, got {type(content).__name__}")
-        messages.append({"role": ROLE_ALIASES[role], "content": content})
+        messages.append({"role": ROLE_ALIASES[role], "content": _unicode(content, f"message {i} content")})
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("conversation has no assistant message: nothing to learn from")
     return messages
 
 
 def check_template(template: str, fmt: str) -> None:
-    """A ``data.prompt_template`` must use only the fields the format has."""
+    """A ``data.prompt_template`` must use only the fields the format has, as plain ``{field}``s:
+    a format spec or conversion (``{question:>1000000000}``), an attribute or an index would run
+    on every row's text."""
     fields = {"instruction": ("instruction", "input"), "qa": ("question",)}[fmt]
+    plain = " and ".join("{" + f + "}" for f in fields)
     try:
-        template.format_map({f: "" for f in fields})
-    except (KeyError, IndexError, ValueError) as err:
-        raise DataError(f"data.prompt_template={template!r} does not fit format {fmt!r} (fields "
-                        f"{list(fields)}): {err!r}") from err
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:  # a lone brace
+        raise DataError(f"data.prompt_template={quote(template)}: {err}; write literal braces as "
+                        "{{ and }}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:  # literal text only
+            continue
+        problem = (f"it uses {quote('{' + name + '}')}" if name not in fields
+                   else "it formats a field" if spec or conversion else None)
+        if problem:
+            raise DataError(f"data.prompt_template={quote(template)} does not fit format {fmt!r}: {problem}; "
+                            f"use plain {plain}")
 
 
 def to_example(record: dict, fmt: str, columns: dict[str, str], prompt_template: str | None,
@@ -321,23 +383,20 @@ def load_examples(source: str | Path, fmt: str = "auto", columns: dict[str, str]
 def _choice_row(record: dict, columns: dict[str, str]) -> dict:
     question = _text(record, "question", columns)
     column = columns.get("choices", "choices")
-    choices = record.get(column)
-    if isinstance(choices, str):  # CSV: the list as JSON text
-        try:
-            choices = json.loads(choices)
-        except json.JSONDecodeError as err:
-            raise RowError(f"field {column!r} is text but not a JSON list: {err.msg}") from err
+    choices = _json_list(record, column)
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise RowError(f"field {column!r} must be a list of at least two non-empty texts")
+    for i, choice in enumerate(choices):
+        _unicode(choice, f"field {column!r}[{i}]")
     answer_column = columns.get("answer", "answer")
     answer = record.get(answer_column)
-    if isinstance(answer, str) and answer.strip().isdigit():
+    if isinstance(answer, str) and answer.strip().isdecimal() and len(answer.strip()) < 10:  # CSV: the index as text
         answer = int(answer)
     elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().isalpha():
         answer = ord(answer.strip().upper()) - ord("A")  # "B" -> 1
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise RowError(f"field {answer_column!r} must be the index of the right choice (0..{len(choices) - 1} "
-                       f"or a letter), got {record.get(answer_column)!r}")
+                       f"or a letter), got {quote(record.get(answer_column))}")
     return {"question": question, "choices": choices, "answer": answer}
 
 

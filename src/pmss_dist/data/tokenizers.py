@@ -11,20 +11,23 @@ Every tokenizer here has ``bos_id`` (None when the family uses no BOS, e.g. Qwen
 - ``encode_rendered(text)``: template output, where special tokens appear as text (``<s>``,
   ``<|im_start|>``) and must become their ids, not characters;
 - ``decode(ids)``: text without special tokens;
-- ``chat_template``: Jinja source, from the checkpoint or a per-family default.
+- ``chat_template``: Jinja source, from the checkpoint or a per-family default, and
+  ``chat_template_source``: where it is (a file, or which default), for messages.
 
 Three kinds: the built-in byte tokenizer, SentencePiece ``tokenizer.model`` (LLaMA-2, Mistral,
 Gemma; torchtune's ``SentencePieceBaseTokenizer``) and Hugging Face ``tokenizer.json`` (Llama-3,
-Qwen2, SmolLM2; the ``tokenizers`` library).
+Qwen2, SmolLM2; the ``tokenizers`` library). Chat templates render in a sandbox with limits
+(`data.chat_template.render_chat`): a template that does not compile or runs past them is a
+`ChatTemplateError`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
 from pathlib import Path
 
+from pmss_dist.errors import TokenizerError
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE
 
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -56,10 +59,6 @@ PLAIN_TEMPLATE = (  # newlines inside expressions: trim_blocks eats the one afte
     "{{ bos_token }}{% for m in messages %}{{ '### ' ~ (m['role'] | capitalize) ~ ':\\n' ~ m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}")
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 def _split_on(text: str, specials: dict[str, int]):
@@ -108,7 +107,7 @@ class ByteTokenizer(_SplitSpecials):
         self.stop_ids = (eos_id,)
         self.vocab_size = max(bos_id, eos_id, pad_id) + 1
         self.specials = {self.bos_token: bos_id, self.eos_token: eos_id}
-        self.chat_template = PLAIN_TEMPLATE
+        self.chat_template, self.chat_template_source = PLAIN_TEMPLATE, _default_source("plain")
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))
@@ -125,7 +124,8 @@ class SentencePieceTokenizer(_SplitSpecials):
     """A ``tokenizer.model`` through torchtune's ``SentencePieceBaseTokenizer``; BOS at the start
     of every sequence (LLaMA-2, Mistral and Gemma all train with it)."""
 
-    def __init__(self, path: Path, pad_id: int | None = None, extra_stop_ids=(), chat_template: str | None = None):
+    def __init__(self, path: Path, pad_id: int | None = None, extra_stop_ids=(),
+                 chat_template: tuple[str, str] | None = None):
         from torchtune.modules.transforms.tokenizers import SentencePieceBaseTokenizer
 
         try:
@@ -148,7 +148,10 @@ class SentencePieceTokenizer(_SplitSpecials):
         turn_ends = {t: spm.piece_to_id(t) for t in END_OF_TURN_TOKENS}
         turn_ends = {t: i for t, i in turn_ends.items() if spm.id_to_piece(i) == t}  # unknown -> <unk>
         self.stop_ids = _unique((self.eos_id, *extra_stop_ids, *turn_ends.values()))
-        self.chat_template = chat_template or (GEMMA_TEMPLATE if "<end_of_turn>" in turn_ends else INST_TEMPLATE)
+        # The checkpoint's own (template, source), else the family's default.
+        default = (GEMMA_TEMPLATE, _default_source("Gemma")) if "<end_of_turn>" in turn_ends else (
+            INST_TEMPLATE, _default_source("[INST]"))
+        self.chat_template, self.chat_template_source = chat_template or default
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
         return self._tt.encode(text, add_bos=add_bos and self.bos_id is not None, add_eos=add_eos)
@@ -214,7 +217,8 @@ class HFTokenizer:
         extra = extra if isinstance(extra, list) else [extra] if extra is not None else []
         turn_ends = [self._tok.token_to_id(t) for t in END_OF_TURN_TOKENS]
         self.stop_ids = _unique((self.eos_id, *extra, *(t for t in turn_ends if t is not None)))
-        self.chat_template = _template_from(ckpt_dir, config) or _default_template(self._tok.token_to_id)
+        self.chat_template, self.chat_template_source = (_template_from(ckpt_dir, config)
+                                                         or _default_template(self._tok.token_to_id))
 
     def _ids(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -252,26 +256,35 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _template_from(ckpt_dir: Path, tokenizer_config: dict) -> str | None:
-    """The checkpoint's own chat template: ``chat_template.jinja`` (newer transformers save it
-    there), else ``tokenizer_config.json``'s ``chat_template`` (a string, or named variants of which
-    ``default`` is taken), else ``chat_template.json``."""
+def _template_from(ckpt_dir: Path, tokenizer_config: dict) -> tuple[str, str] | None:
+    """The checkpoint's own chat template and where it is: ``chat_template.jinja`` (newer
+    transformers save it there), else ``tokenizer_config.json``'s ``chat_template`` (a string, or
+    named variants of which ``default`` is taken), else ``chat_template.json``."""
     jinja_file = ckpt_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text()
-    template = tokenizer_config.get("chat_template") or _read_json(ckpt_dir / "chat_template.json").get("chat_template")
+        return jinja_file.read_text(), str(jinja_file)
+    template, source = tokenizer_config.get("chat_template"), f"{ckpt_dir / 'tokenizer_config.json'} (chat_template)"
+    if not template:
+        template, source = (_read_json(ckpt_dir / "chat_template.json").get("chat_template"),
+                            str(ckpt_dir / "chat_template.json"))
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
+        template, source = named.get("default"), source.replace("(chat_template)", "(chat_template 'default')")
+    return (template, source) if isinstance(template, str) else None
 
 
-def _default_template(token_to_id) -> str:
-    for marker, template in (("<|start_header_id|>", LLAMA3_TEMPLATE), ("<|im_start|>", CHATML_TEMPLATE),
-                             ("<start_of_turn>", GEMMA_TEMPLATE), ("[INST]", INST_TEMPLATE)):
+def _default_template(token_to_id) -> tuple[str, str]:
+    """The family default for a vocabulary, and its name as a source."""
+    for marker, template, name in (("<|start_header_id|>", LLAMA3_TEMPLATE, "Llama-3"),
+                                   ("<|im_start|>", CHATML_TEMPLATE, "ChatML"),
+                                   ("<start_of_turn>", GEMMA_TEMPLATE, "Gemma"), ("[INST]", INST_TEMPLATE, "[INST]")):
         if token_to_id(marker) is not None:
-            return template
-    return PLAIN_TEMPLATE
+            return template, _default_source(name)
+    return PLAIN_TEMPLATE, _default_source("plain")
+
+
+def _default_source(name: str) -> str:
+    return f"pmss_dist's default {name} template (data/tokenizers.py)"
 
 
 def load_tokenizer(ckpt_dir: str | Path):
@@ -293,28 +306,3 @@ def load_tokenizer(ckpt_dir: str | Path):
         return HFTokenizer(ckpt_dir, model_config)
     raise FileNotFoundError(f"no tokenizer in {ckpt_dir}: looked for {BYTE_TOKENIZER_FILE}, "
                             f"{SENTENCEPIECE_FILE} and {HF_TOKENIZER_FILE}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat templates
-# ---------------------------------------------------------------------------------------------
-
-def _raise_exception(message: str):
-    raise TokenizerError(f"chat template refused the conversation: {message}")
-
-
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Render ``messages`` with the tokenizer's chat template in Jinja's immutable sandbox: the
-    template comes from a downloaded file and must not reach Python objects or mutate state."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(tokenizer.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-    except TemplateError as err:
-        raise TokenizerError(f"chat template failed: {err}") from err

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from pmss_dist.errors import ExportError
 from pmss_dist.adapters.io import ADAPTER_META, ADAPTER_WEIGHTS, read_adapter
 from pmss_dist.adapters.layers import (ADAPTER_TENSORS, FULL, TARGET_ALIASES, lora_factors, merge_dtype, merge_update,
                                       pmss_factors, update_scale)
@@ -46,9 +47,9 @@ from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row
 from pmss_dist.hf.load import (check_base_fingerprint, copy_side_files, open_safetensors,
                                read_hf_config, read_safetensors_header, weight_files)
 from pmss_dist.models import tied_embeddings
-from pmss_dist.parallel.env import print_main
-from pmss_dist.train import storage
-from pmss_dist.train.checkpoint import CheckpointError, read_record
+from pmss_dist.console import print_main
+from pmss_dist.checkpoints import storage
+from pmss_dist.checkpoints.record import CheckpointError, read_record
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -58,10 +59,6 @@ ORIGINAL_WEIGHTS = "the original weights"
 _PROJECTIONS = set(TARGET_ALIASES.values())
 _BASE_FIX = ("pass the original base (or skip this check if the base was only re-saved, e.g. in another "
              "dtype)")
-
-
-class ExportError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torchtune.models.convert_weights import _FROM_HF
 
+from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models import build_decoder, head_dim, model_family, tied_embeddings
 
 # torchtune key (with "{}" for the layer) -> HF key, shared by every family: torchtune's own map.
@@ -128,22 +129,24 @@ def match_keys(tune_shapes: Mapping[str, Sequence[int]], files: dict[str, Path],
                ckpt_dir: Path) -> dict[str, HFRows]:
     """``{torchtune name: HFRows}`` for every base parameter (name -> whole shape); fails naming the
     first parameter the checkpoint lacks or the first checkpoint tensor the model has no place for."""
-    layers = {int(key.split(".")[2]) for key in files if key.startswith("model.layers.")}
+    layers = {int(layer) for layer in (_template(key)[1] for key in files if key.startswith("model.layers."))
+              if layer is not None}
     if layers and max(layers) + 1 != hf_config["num_hidden_layers"]:
-        raise ValueError(f"{ckpt_dir}: config.json's num_hidden_layers={hf_config['num_hidden_layers']}, but the "
-                         f"checkpoint holds layers 0..{max(layers)}: config.json contradicts the weights; "
-                         f"set num_hidden_layers to {max(layers) + 1}")
+        raise HFCheckpointError(f"{ckpt_dir}: config.json's num_hidden_layers={hf_config['num_hidden_layers']}, "
+                                f"but the checkpoint holds layers 0..{max(layers)}: config.json contradicts the "
+                                f"weights; set num_hidden_layers to {max(layers) + 1}")
     pairs = hf_rows(tune_shapes, hf_config)
     missing = [f"{rows.key} (for {name})" for name, rows in pairs.items() if rows.key not in files]
     if missing:
-        raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
-                       f"e.g. {missing[:3]}: config.json does not describe these weights")
+        raise HFCheckpointError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
+                                f"e.g. {missing[:3]}: a weight file is incomplete, or config.json describes "
+                                "another model")
     used = {rows.key for rows in pairs.values()}
     unused = [k for k in files if k not in used and _template(k)[0] not in _DERIVED_HF_KEYS
               and not (k == "lm_head.weight" and tied_embeddings(hf_config))]
     if unused:
         where = files[unused[0]]
-        raise ValueError(f"{where}: tensor(s) {unused[:3]} have no place in the {model_family(hf_config).ARCHITECTURE} "
-                         f"model that config.json describes (e.g. attention_bias/mlp_bias, which the "
-                         f"torchtune builder lacks); refusing to drop them")
+        raise HFCheckpointError(f"{where}: tensor(s) {unused[:3]} have no place in the "
+                                f"{model_family(hf_config).ARCHITECTURE} model that config.json describes (e.g. "
+                                "attention_bias/mlp_bias, which the torchtune builder lacks); refusing to drop them")
     return pairs

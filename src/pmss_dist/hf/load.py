@@ -2,7 +2,8 @@
 
 Tensors are memory-mapped through ``safetensors`` (never unpickled) and sliced before they are
 copied, so a rank's peak memory is its shards plus one slice. Names and q/k row orders come
-from ``hf.keys``.
+from ``hf.keys``. A directory that cannot be read as it is (config.json, the index, a weight
+file) raises `HFCheckpointError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from pmss_dist.adapters.layers import adapter_layers, plain_name
+from pmss_dist.files import file_sha256
 from pmss_dist.hf.keys import HFRows, match_keys, permutation_for, row_permutations
-from pmss_dist.models import build_decoder, shape_fields
+from pmss_dist.errors import HFCheckpointError
+from pmss_dist.models import build_decoder, check_hf_config, shape_fields
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE
 
 SINGLE_FILE = "model.safetensors"
@@ -37,13 +40,23 @@ SIDE_FILES = ("config.json", "generation_config.json", INDEX_FILE, "special_toke
               BYTE_TOKENIZER_FILE)
 
 
+class MissingHFFile(HFCheckpointError, FileNotFoundError):
+    """A file the checkpoint directory needs is not there (a FileNotFoundError too, for the tools
+    that report missing files)."""
+
+
 def read_hf_config(ckpt_dir: str | Path) -> dict:
+    """config.json of a checkpoint directory, its shared fields checked (`check_hf_config`)."""
     path = Path(ckpt_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: model.path must be an HF checkpoint directory "
-                                "with config.json and *.safetensors")
-    with open(path) as f:
-        return json.load(f)
+        raise MissingHFFile(f"{path} not found: model.path must be an HF checkpoint directory "
+                            "with config.json and *.safetensors")
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise HFCheckpointError(f"{path} is not valid JSON ({err}): restore the model's own config.json") from err
+    check_hf_config(config, where=str(path))
+    return config
 
 
 def read_safetensors_header(path: Path) -> tuple[int, bytes]:
@@ -62,7 +75,6 @@ FINGERPRINT_PREFIX = "sha256:"
 _FINGERPRINT_VERSION = 1
 CACHE_ENV = "PMSS_CACHE_DIR"  # where content fingerprints are cached (default ~/.cache/pmss_dist)
 CACHE_MIN_BYTES = 256 << 20  # smaller bases are hashed each time (well under a second), not cached
-_HASH_CHUNK = 16 << 20
 
 
 def header_fingerprint(ckpt_dir: str | Path) -> str:
@@ -74,15 +86,6 @@ def header_fingerprint(ckpt_dir: str | Path) -> str:
         digest.update(path.name.encode() + read_safetensors_header(path)[1])
         digest.update(str(path.stat().st_size).encode())
     return digest.hexdigest()[:16]
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weight_file_names(ckpt_dir: str | Path) -> list[str]:
@@ -188,27 +191,42 @@ def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
         with open_safetensors(single) as f:
             return {key: single for key in f.keys()}
     if not index.is_file():
-        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {ckpt_dir}")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{index} is not a safetensors index (no weight_map): {err}") from err
-    files = {key: ckpt_dir / name for key, name in weight_map.items()}
+        raise MissingHFFile(f"no {SINGLE_FILE} or {INDEX_FILE} in {ckpt_dir}: model.path must be an HF "
+                            "checkpoint directory with config.json and *.safetensors")
+    files = {key: ckpt_dir / name for key, name in _weight_map(index).items()}
     for path in sorted(set(files.values())):
-        if path.parent != ckpt_dir:
-            raise ValueError(f"{index} names {path.name!r}, outside the checkpoint directory")
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in {index.name} but missing")
+            raise MissingHFFile(f"{path} is listed in {index.name} but missing: download it again")
     return files
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> file name map; every file a .safetensors file of the index's own
+    directory (a path elsewhere, ``../x.safetensors``, is refused, never read)."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, no weight_map, or not an object
+        raise HFCheckpointError(f"{index} is not a safetensors index (no weight_map: {err}): download it "
+                                "again") from err
+    if not isinstance(weight_map, dict):
+        raise HFCheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}, not an object of "
+                                "tensor name -> file name: download it again")
+    for key, name in weight_map.items():
+        if not (isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name):
+            raise HFCheckpointError(f"{index}: {key} is mapped to {name!r}, not the name of a .safetensors file "
+                                    f"in {index.parent}: download the index again")
+    return weight_map
 
 
 def open_safetensors(path: Path):
     """``safe_open`` with an error that names the file: safetensors checks on open that the
-    header is whole and that the data covers every tensor, so a truncated file fails here."""
+    header is whole and its offsets true (within the file, no overlaps, the data covering every
+    tensor), so a truncated or corrupt file fails here."""
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own error types for short/corrupt files
-        raise ValueError(f"cannot read {path}: {err} (truncated or not a safetensors file?)") from err
+        raise HFCheckpointError(f"cannot read {path}: {err}: the file is truncated or not a safetensors file; "
+                                "download it again") from err
 
 
 def _shard_mesh_dim(param: DTensor) -> int:
@@ -278,16 +296,16 @@ def check_hf_weights(tune_shapes: Mapping[str, Sequence[int]], ckpt_dir: str | P
                 rows = pairs[name]
                 try:
                     full_shape = tuple(handle.get_slice(rows.key).get_shape())
-                except Exception as err:
-                    raise ValueError(f"{path}: cannot read {rows.key}: {err} (the index names a tensor the file "
-                                     "lacks?)") from err
+                except Exception as err:  # safetensors' own error for a name the file lacks
+                    raise HFCheckpointError(f"{path} holds no {rows.key}, which {INDEX_FILE} places there ({err}): "
+                                            "the index does not match its shards; download them again") from err
                 if full_shape != tuple(rows.shape):
                     # A fused tensor's shape is set by the fields of all its parts.
                     parts = [n for n, r in pairs.items() if r.key == rows.key]
                     fields = dict.fromkeys(f for n in parts for f in shape_fields(n, hf_config).split(", "))
-                    raise ValueError(f"{path}: {rows.key} has shape {full_shape}, but config.json's "
-                                     f"{', '.join(fields)} give {tuple(rows.shape)} for {', '.join(parts)}: "
-                                     "config.json contradicts the weights; correct those fields")
+                    raise HFCheckpointError(f"{path}: {rows.key} has shape {full_shape}, but config.json's "
+                                            f"{', '.join(fields)} give {tuple(rows.shape)} for {', '.join(parts)}: "
+                                            "config.json contradicts the weights; correct those fields")
     return files, pairs
 
 
@@ -387,7 +405,8 @@ def hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, progress: bool = True) ->
         sliced = handles[files[rows.key]].get_slice(rows.key)
         shape = tuple(sliced.get_shape())
         if shape != rows.shape:
-            raise ValueError(f"{files[rows.key]}: {rows.key} has shape {shape}, config.json implies {rows.shape}")
+            raise HFCheckpointError(f"{files[rows.key]}: {rows.key} has shape {shape}, config.json implies "
+                                    f"{rows.shape}: config.json contradicts the weights")
         # Same shape and dtype as the converted tensor: DCP plans from these, reads come later.
         placeholders[name] = torch.empty(tuple(params[name].shape), dtype=_SAFETENSORS_DTYPES[sliced.get_dtype()],
                                          device="meta")

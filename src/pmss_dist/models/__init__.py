@@ -19,7 +19,8 @@ know of one HF class:
   range per torchtune parameter, which import reads, merged and full export write back into, and
   PEFT export targets as one module.
 
-An architecture not in `FAMILIES` fails before any work is done.
+An architecture not in `FAMILIES`, or a config.json whose shared fields are not what they must be
+(`check_hf_config`), fails before any work is done, with an `HFCheckpointError`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
 
+from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models import gemma, gemma2, llama, mistral, phi3, qwen2, qwen3
 
 # HF architecture name -> family module: the one table of what is supported.
@@ -38,11 +40,64 @@ FAMILIES: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (llama, mistral, q
 
 def model_family(hf_config: dict) -> ModuleType:
     archs = hf_config.get("architectures") or []
+    if not isinstance(archs, list):
+        raise HFCheckpointError(f"config.json: architectures is {archs!r}, not a list of class names such as "
+                                "['LlamaForCausalLM']: restore the model's own config.json")
     for arch in archs:
         if arch in FAMILIES:
             return FAMILIES[arch]
-    raise ValueError(f"unsupported architecture {archs or '(none given)'} in config.json; "
-                     f"supported: {sorted(FAMILIES)}")
+    raise HFCheckpointError(f"unsupported architecture {archs or '(none given)'} in config.json; "
+                            f"supported: {sorted(FAMILIES)}")
+
+
+# The config.json fields every family's build reads, by what each must be; the sizes and head
+# counts of the first group are required.
+_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_COUNTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL_OBJECTS = ("rope_scaling", "rope_parameters")
+
+
+def check_hf_config(hf_config, where: str = "config.json") -> None:
+    """Refuse a config.json (read from ``where``) that is not an object, names no supported
+    architecture, or whose shared fields are missing or not what they must be: sizes and head
+    counts positive integers, the norm eps and RoPE base positive numbers, the heads a whole
+    number of KV groups and, when head_dim is derived, hidden_size a whole number of heads.
+    torch would otherwise fail deep in the build, or build a model with no weights to match."""
+    c = hf_config
+    if not isinstance(c, dict):
+        raise HFCheckpointError(f"{where} holds a JSON {_json_kind(c)}, not an object of fields: restore the "
+                                "model's own config.json")
+    model_family(c)  # an unsupported architecture names its fields otherwise (GPT-2: n_embd)
+    fix = "set it to the model's own value"
+    for field in _COUNTS:
+        if field not in c:
+            raise HFCheckpointError(f"{where} has no {field}: {fix}")
+    for field in (*_COUNTS, *_OPTIONAL_COUNTS):
+        value = c.get(field)
+        if (value is not None or field in _COUNTS) and not _is_count(value):
+            raise HFCheckpointError(f"{where}: {field}={value!r} is not a positive integer: {fix}")
+    for field in _OPTIONAL_OBJECTS:
+        if c.get(field) is not None and not isinstance(c[field], dict):
+            raise HFCheckpointError(f"{where}: {field}={c[field]!r} is not an object: {fix}")
+    theta_field = "rope_theta" if "rope_theta" in c else "rope_parameters.rope_theta"
+    for field, value in (("rms_norm_eps", c.get("rms_norm_eps")), (theta_field, _declared_theta(c))):
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise HFCheckpointError(f"{where}: {field}={value!r} is not a positive number: {fix}")
+    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if heads % kv_heads:
+        raise HFCheckpointError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads="
+                                f"{kv_heads}: set them to the model's own values")
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        raise HFCheckpointError(f"{where}: hidden_size={c['hidden_size']} is not a multiple of num_attention_heads="
+                                f"{heads}, and there is no head_dim: set them to the model's own values")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def head_dim(hf_config: dict) -> int:
@@ -80,10 +135,10 @@ def check_head_dim_derived(hf_config: dict, builder: str) -> None:
     builders that derive it (llama3, mistral): their model would not be the checkpoint's."""
     c = hf_config
     if c.get("head_dim") and c["head_dim"] != c["hidden_size"] // c["num_attention_heads"]:
-        raise ValueError(f"config.json: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads "
-                         f"({c['hidden_size']}/{c['num_attention_heads']}), which torchtune's {builder} builder "
-                         f"assumes for {model_family(c).ARCHITECTURE}; such checkpoints (e.g. Mistral-Nemo) are "
-                         f"not supported")
+        raise HFCheckpointError(f"config.json: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads "
+                                f"({c['hidden_size']}/{c['num_attention_heads']}), which torchtune's {builder} builder "
+                                f"assumes for {model_family(c).ARCHITECTURE}; such checkpoints (e.g. Mistral-Nemo) are "
+                                f"not supported")
 
 
 def tied_embeddings(hf_config: dict) -> bool:
@@ -111,8 +166,8 @@ def rope_scaling(hf_config: dict) -> dict | None:
     family = model_family(hf_config)
     supported = getattr(family, "ROPE_SCALING", ())
     if kind not in supported:
-        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported for {family.ARCHITECTURE} "
-                         f"(supported: {list(supported) or 'none'}); use a checkpoint without it")
+        raise HFCheckpointError(f"config.json: rope_scaling type {kind!r} is not supported for {family.ARCHITECTURE} "
+                                f"(supported: {list(supported) or 'none'}); use a checkpoint without it")
     return {**scaling, "rope_type": kind}
 
 
@@ -125,13 +180,20 @@ def rope_theta(hf_config: dict) -> float:
 
 def declared_rope_theta(hf_config: dict) -> float:
     """The RoPE base config.json states (either layout), without `rope_scaling`'s check."""
+    theta = _declared_theta(hf_config)
+    return 10000.0 if theta is None else float(theta)
+
+
+def _declared_theta(hf_config: dict):
+    """config.json's RoPE base as written, in either layout; None when it gives none."""
     params = hf_config.get("rope_parameters") or {}
-    return float(hf_config.get("rope_theta", params.get("rope_theta", 10000.0)))
+    return hf_config.get("rope_theta", params.get("rope_theta"))
 
 
 def build_decoder(hf_config: dict, max_seq_len: int | None = None) -> TransformerDecoder:
     """Build the torchtune decoder that an HF ``config.json`` describes (on the current default
     device: use ``torch.device("meta")`` as a context to build without memory)."""
+    check_hf_config(hf_config)
     family = model_family(hf_config)
     c = hf_config
     return family.build(

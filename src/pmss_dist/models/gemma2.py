@@ -22,6 +22,7 @@ from torchtune.models.gemma2._attention import Gemma2Attention
 from torchtune.modules import (RotaryPositionalEmbeddings, TiedLinear, TransformerDecoder,
                                TransformerSelfAttentionLayer)
 
+from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
 
 ARCHITECTURE = "Gemma2ForCausalLM"
@@ -58,18 +59,18 @@ def check(hf_config: dict) -> None:
     """Refuse what this builder does not model, naming the config.json field."""
     arch = ARCHITECTURE
     if not hf_config.get("tie_word_embeddings", TIED_BY_DEFAULT):
-        raise ValueError(f"config.json sets tie_word_embeddings: false; pmss_dist builds {arch} with the output "
-                         "tied to the embedding, as every released Gemma 2 is: use a tied checkpoint")
+        raise HFCheckpointError(f"config.json sets tie_word_embeddings: false; pmss_dist builds {arch} with the output "
+                                "tied to the embedding, as every released Gemma 2 is: use a tied checkpoint")
     if hf_config.get("attention_bias"):
-        raise ValueError(f"config.json sets attention_bias: true; pmss_dist builds {arch} without attention "
-                         "biases, as released: use a checkpoint without them")
+        raise HFCheckpointError(f"config.json sets attention_bias: true; pmss_dist builds {arch} without attention "
+                                "biases, as released: use a checkpoint without them")
     act = hf_config.get("hidden_activation") or "gelu_pytorch_tanh"  # transformers ignores hidden_act here
     if act != "gelu_pytorch_tanh":
-        raise ValueError(f"config.json sets hidden_activation: {act!r}; pmss_dist builds {arch} with the tanh "
-                         "GELU of the released models: set hidden_activation: gelu_pytorch_tanh")
+        raise HFCheckpointError(f"config.json sets hidden_activation: {act!r}; pmss_dist builds {arch} with the tanh "
+                                "GELU of the released models: set hidden_activation: gelu_pytorch_tanh")
     if hf_config.get("use_bidirectional_attention"):
-        raise ValueError(f"config.json sets use_bidirectional_attention: true; pmss_dist trains {arch} as a "
-                         "causal decoder: set it to false")
+        raise HFCheckpointError(f"config.json sets use_bidirectional_attention: true; pmss_dist trains {arch} as a "
+                                "causal decoder: set it to false")
 
 
 def build(hf_config: dict, *, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int,

@@ -6,6 +6,8 @@ from torchtune.models.llama3 import llama3
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import TiedLinear
 
+from pmss_dist.errors import HFCheckpointError
+
 ARCHITECTURE = "LlamaForCausalLM"
 # HF rotates halves, torchtune interleaved pairs: q/k rows are permuted on import and export.
 PERMUTED_QK = True
@@ -24,8 +26,8 @@ def build(hf_config: dict, **common):
     else:
         missing = [k for k in LLAMA3_FIELDS if scaling.get(k) is None]
         if missing:
-            raise ValueError(f"config.json: rope_scaling of type 'llama3' lacks {missing}; "
-                             "copy them from the model's original config.json")
+            raise HFCheckpointError(f"config.json: rope_scaling of type 'llama3' lacks {missing}; "
+                                    "copy them from the model's original config.json")
         # As transformers: a top-level original_max_position_embeddings wins, then the scaling's,
         # then max_position_embeddings.
         original = (hf_config.get("original_max_position_embeddings")

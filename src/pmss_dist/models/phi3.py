@@ -12,6 +12,7 @@ from torch import nn
 from torchtune.models.phi3 import phi3
 from torchtune.modules import TiedLinear
 
+from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
 
 ARCHITECTURE = "Phi3ForCausalLM"
@@ -64,7 +65,7 @@ def longrope_parameters(hf_config: dict, scaling: dict) -> dict:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     missing = [k for k in ("short_factor", "long_factor") if not scaling.get(k)]
     if missing:
-        raise ValueError(f"config.json: rope_scaling of type {scaling['rope_type']!r} lacks {missing}")
+        raise HFCheckpointError(f"config.json: rope_scaling of type {scaling['rope_type']!r} lacks {missing}")
     return dict(short_factor=scaling["short_factor"], long_factor=scaling["long_factor"],
                 attention_factor=float(attention), original_max_seq_len=int(original))
 
@@ -83,8 +84,8 @@ class Phi3RoPE(nn.Module):
         n = rotary_dim // 2
         for name, factors in (("short_factor", short_factor), ("long_factor", long_factor)):
             if factors is not None and len(factors) != n:
-                raise ValueError(f"config.json: rope_scaling {name} has {len(factors)} entries, the rotary "
-                                 f"dimension {rotary_dim} needs {n}")
+                raise HFCheckpointError(f"config.json: rope_scaling {name} has {len(factors)} entries, the rotary "
+                                        f"dimension {rotary_dim} needs {n}")
         self.rotary_dim, self.max_seq_len, self.base = rotary_dim, max_seq_len, base
         self.short_factor, self.long_factor = short_factor or [1.0] * n, long_factor
         self.attention_factor, self.original_max_seq_len = attention_factor, original_max_seq_len

@@ -19,6 +19,7 @@ from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalE
 from torchtune.modules import (MultiHeadAttention, RMSNorm, TiedLinear, TransformerDecoder,
                                TransformerSelfAttentionLayer)
 
+from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models import qwen2
 from pmss_dist.models.sliding_window import add_sliding_windows
 
@@ -62,11 +63,11 @@ def check(hf_config: dict) -> None:
     """Refuse what this builder does not model, naming the config.json field."""
     arch = ARCHITECTURE
     if hf_config.get("attention_bias"):
-        raise ValueError(f"config.json sets attention_bias: true; pmss_dist builds {arch} without q/k/v/o "
-                         "biases (released Qwen3 models have none): use a checkpoint without them")
+        raise HFCheckpointError(f"config.json sets attention_bias: true; pmss_dist builds {arch} without q/k/v/o "
+                                "biases (released Qwen3 models have none): use a checkpoint without them")
     if hf_config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json sets hidden_act: {hf_config['hidden_act']!r}; pmss_dist builds {arch} "
-                         "with the SiLU of the released models: set hidden_act: silu")
+        raise HFCheckpointError(f"config.json sets hidden_act: {hf_config['hidden_act']!r}; pmss_dist builds {arch} "
+                                "with the SiLU of the released models: set hidden_act: silu")
 
 
 def build(hf_config: dict, *, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int,

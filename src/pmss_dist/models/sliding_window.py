@@ -18,6 +18,8 @@ from functools import partial
 import torch
 from torchtune.modules import MultiHeadAttention, TransformerDecoder
 
+from pmss_dist.errors import HFCheckpointError
+
 
 def window_mask(attn: MultiHeadAttention, seq_len: int, mask: torch.Tensor | None,
                 window: int, device: torch.device) -> torch.Tensor | None:
@@ -52,7 +54,7 @@ def add_sliding_windows(model: TransformerDecoder, windows: list[int | None]) ->
     for layer, window in zip(model.layers, windows):
         if window is not None:
             if window < 1:
-                raise ValueError(f"config.json: sliding_window {window} must be a positive number of tokens")
+                raise HFCheckpointError(f"config.json: sliding_window {window} must be a positive number of tokens")
             layer.attn.register_forward_pre_hook(partial(_apply_window, window), with_kwargs=True)
 
 
@@ -74,8 +76,8 @@ def layer_windows(hf_config: dict, window: int | None, default_sliding: list[boo
     else:
         unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
         if len(types) != n or unknown:
-            raise ValueError(f"config.json's layer_types must name sliding_attention or full_attention for each "
-                             f"of the {n} layers (num_hidden_layers); got {len(types)} entries"
-                             + (f", unknown {unknown}" if unknown else ""))
+            raise HFCheckpointError(f"config.json's layer_types must name sliding_attention or full_attention for each "
+                                    f"of the {n} layers (num_hidden_layers); got {len(types)} entries"
+                                    + (f", unknown {unknown}" if unknown else ""))
         sliding = [t == "sliding_attention" for t in types]
     return [window if s and window is not None else None for s in sliding]

@@ -98,9 +98,3 @@ def shutdown() -> None:
         # Without this barrier gloo sometimes aborts at exit while a peer is still tearing down.
         dist.barrier()
         dist.destroy_process_group()
-
-
-def print_main(message: str) -> None:
-    """Print to stderr from rank 0 only (from every process when no process group is up)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(message, file=sys.stderr, flush=True)

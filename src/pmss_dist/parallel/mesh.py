@@ -15,7 +15,8 @@ import re
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pmss_dist.config import ConfigError, ParallelConfig
+from pmss_dist.errors import ConfigError
+from pmss_dist.config import ParallelConfig
 
 # "auto" shards a base over as many whole nodes as keep its shard within this fraction of a rank's
 # memory: the rest is for gathered blocks, activations, the adapters and their optimizer.

@@ -42,7 +42,8 @@ from torch.distributed.tensor import DTensor
 from pmss_dist.adapters.layers import FULL, adapter_layers, count_parameters
 from pmss_dist.adapters.quantize import check_quantizable, tensor_bytes
 from pmss_dist.build import parameter_bytes
-from pmss_dist.config import AC_MODES, ConfigError, ParallelConfig, TrainConfig, adapter_spec, check_world_size
+from pmss_dist.errors import ConfigError
+from pmss_dist.config import AC_MODES, ParallelConfig, TrainConfig, adapter_spec, check_world_size
 from pmss_dist.models.sliding_window import attention_windows
 from pmss_dist.parallel.mesh import REPLICATE, SHARD, resolve_dp_shape
 from pmss_dist.parallel.parallelize import resolve_reshard_after_forward

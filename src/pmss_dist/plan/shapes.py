@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pmss_dist.config import BUILTIN_TINY, ConfigError
+from pmss_dist.config import BUILTIN_TINY
+from pmss_dist.errors import ConfigError
 from pmss_dist.models.builtin import TINY_CONFIG
 
 # Llama 3.1's RoPE scaling, shared by 3.1 and 3.3 (config.json's rope_scaling).

@@ -25,13 +25,9 @@ import socket
 import time
 from pathlib import Path
 
+from pmss_dist.errors import RunDirError
 from pmss_dist.config import BUILTIN_TINY
 from pmss_dist.files import OutputPathError, atomic_write, check_output_file, clean_stale
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used (it overlaps the base, or another run holds it); a
-    user's error, reported in one line."""
 
 
 class RunDir:

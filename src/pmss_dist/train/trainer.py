@@ -18,12 +18,14 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from pmss_dist.errors import DivergenceError
 from pmss_dist.adapters.io import adapter_meta, save_adapter
 from pmss_dist.adapters.layers import FULL, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
 from pmss_dist.adapters.selection import load_selection, save_selection
 from pmss_dist.build import build_model, parameter_bytes
-from pmss_dist.config import (BUILTIN_TINY, ConfigError, TrainConfig, adapter_spec, check_world_size, run_identity,
-                              to_dict)
+from pmss_dist.errors import ConfigError
+from pmss_dist.config import (BUILTIN_TINY, TrainConfig, adapter_spec, check_seq_len, check_world_size,
+                              run_identity, to_dict)
 from pmss_dist.data import batches as batch_lib
 from pmss_dist.data import examples as data_lib
 from pmss_dist.data.fingerprint import samples_fingerprint, tokenizer_fingerprint
@@ -35,11 +37,13 @@ from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export,
 from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
                                original_weights, read_hf_config, weight_bytes, weight_file_names)
 from pmss_dist.models.builtin import write_tiny_checkpoint
-from pmss_dist.parallel.env import DistEnv, init_distributed, print_main, shutdown
+from pmss_dist.console import print_main
+from pmss_dist.parallel.env import DistEnv, init_distributed, shutdown
 from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
 from pmss_dist.parallel.mesh import data_parallel_mesh, local_world_size, resolve_dp_shape
 from pmss_dist.parallel.parallelize import rank_memory_bytes
-from pmss_dist.train.checkpoint import DATA_KEY, EXAMPLES_KEY, TOKENIZER_KEY, CheckpointManager, step_name
+from pmss_dist.checkpoints.record import step_name
+from pmss_dist.train.checkpoint import DATA_KEY, EXAMPLES_KEY, TOKENIZER_KEY, CheckpointManager
 from pmss_dist.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from pmss_dist.train.run_dir import RunDir, RunDirError, RunLock
 
@@ -52,11 +56,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # Divergence: a loss above `divergence_factor` times the mean of this many recent losses.
 DIVERGENCE_WINDOW = 10
-
-
-class DivergenceError(RuntimeError):
-    """Training diverged; the message names the step and the newest good checkpoint. Reported
-    to the user in one line (its usual cause is the config: the learning rate, or the data)."""
 
 
 class StopRequest:
@@ -271,6 +270,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         raise ConfigError(f"model.path={cfg.model.path} has no config.json: point it at a Hugging Face checkpoint "
                           f"directory (config.json and *.safetensors) or use {BUILTIN_TINY}")
     hf_config = read_hf_config(base_dir)
+    check_seq_len(cfg, hf_config)  # before the RoPE caches and batches of seq_len are made
     fingerprint = agreed_fingerprint(base_dir, env)
     spec, dtype = adapter_spec(cfg), getattr(torch, cfg.model.dtype)
     replicate, shard = resolve_dp_shape(cfg.parallel, env.world_size, local_world_size(),
