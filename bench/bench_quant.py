@@ -31,7 +31,7 @@ and scales); peak RSS per rank and peak minus after-import RSS (benchlib).
 Targets: ours-pmss-kB-nf4's frozen bytes per rank <= tt-qlora-r8's; our tokens/s >= 1.0x
 tt-qlora-r8's at the same trainable budget (also shown against tt-qlora-r8-ce-keep).
 
-    python bench/bench_quant.py --reps 3 --steps 5      # 27 min on 2 shared cores (docs/BENCHMARKS.md §8)
+    python bench/bench_quant.py --reps 3 --steps 5      # 27 min on 2 shared cores (docs/BENCHMARKS.md, "Against the peers")
 """
 
 from __future__ import annotations

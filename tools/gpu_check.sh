@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA path in one command, for the first session that has a GPU (docs/GPU.md):
+# The CUDA path in one command, to check a GPU node (docs/GPU.md):
 #
-#   bash tools/gpu_check.sh OUTDIR            on the GPU machine: under 9 minutes on one H100
+#   bash tools/gpu_check.sh OUTDIR            on a GPU node
 #   bash tools/gpu_check.sh OUTDIR --dry-run  anywhere (CPU): the same steps at tiny sizes, ~2 min
 #
 # Steps, most valuable first; each one's figures are on disk before the next starts:

@@ -1,4 +1,4 @@
-"""Helpers of the CUDA tests (``pytest -m cuda``; run on the GPU machine by tools/gpu_check.sh).
+"""Helpers of the CUDA tests (``pytest -m cuda``; run on a GPU node by tools/gpu_check.sh).
 
 Every test here is marked ``cuda`` and skips, with its reason, where torch sees no CUDA device.
 Development aid: ``PMSS_CUDA_TESTS_ON_CPU=1`` runs them on the CPU instead (the "CUDA" side then
@@ -28,7 +28,7 @@ ON_CPU = os.environ.get("PMSS_CUDA_TESTS_ON_CPU") == "1"
 cuda_only = [
     pytest.mark.cuda,
     pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU),
-                       reason="needs a CUDA device (tools/gpu_check.sh runs these on the GPU machine)"),
+                       reason="needs a CUDA device (tools/gpu_check.sh runs these on a GPU node)"),
 ]
 
 # The device the "CUDA" side of a test runs on.

@@ -90,8 +90,9 @@ def _shard(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard
 
 
 # "auto" keeps blocks unsharded between forward and backward when the whole model takes at most
-# this fraction of a rank's memory: it then saves one all-gather per block per step (measured 1.5x
-# tokens/s on ~100M, 2 CPU ranks, docs/BENCHMARKS.md) for memory the rank can spare. Larger
+# this fraction of a rank's memory: it then saves one all-gather per block per step (torchtune's
+# recipe ran 1.31x faster with the same switch on ~100M, 2 CPU ranks, docs/BENCHMARKS.md) for
+# memory the rank can spare. Larger
 # models reshard, as ZeRO-3 needs.
 UNSHARDED_MEMORY_FRACTION = 0.25
 
