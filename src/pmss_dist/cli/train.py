@@ -7,6 +7,7 @@ through ``launch/train.py``).
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from pmss_dist.config import load_config
 from pmss_dist.errors import USER_ERRORS, ConfigError
@@ -50,8 +51,10 @@ def main(argv=None) -> int:
     if not summary["completed"]:
         return EXIT_REQUEUE  # stopped by SIGTERM/SIGUSR1 after saving: resume=auto continues
     if _rank() == 0:
+        made = [name for name in ("summary.json", "merged/", "adapter/", "tensorboard/")
+                if (Path(cfg.output_dir) / name).exists()]
         print(f"done: {summary['steps']} steps, loss {summary['initial_loss']:.4f} -> "
-              f"{summary['final_loss']:.4f}; results in {cfg.output_dir}/summary.json", file=sys.stderr)
+              f"{summary['final_loss']:.4f}; results in {cfg.output_dir}: {', '.join(made)}", file=sys.stderr)
     return 0
 
 

@@ -345,7 +345,7 @@ def write_merged(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | P
                                        "merged_into": merged_into})
         copied = copy_side_files(base_dir, out_dir)
         if progress:
-            print_main(f"export_merged: {len(updates)} weights merged into {merged_into} in {out_dir} "
+            print_main(f"export_merged: {len(updates)} weights merged into {merged_into} "
                        f"(copied {', '.join(copied)})")
     return out_dir
 
@@ -420,7 +420,7 @@ def write_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | 
                                        "checkpoint": str(checkpoint_dir.resolve()), "step": record.step})
         copied = copy_side_files(base_dir, out_dir)
         if progress:
-            print_main(f"export_full: {len(parts_of)} weights of {checkpoint_dir.name} in {out_dir} "
+            print_main(f"export_full: {len(parts_of)} weights of {checkpoint_dir.name} "
                        f"(copied {', '.join(copied)})")
     return out_dir
 
