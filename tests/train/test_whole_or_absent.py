@@ -135,3 +135,14 @@ def test_eval_output_over_the_model_is_refused(tmp_path):
     for out in (base / "model.safetensors", base / "sub" / "eval.json"):
         assert evaluate(["--model", str(base), "--data", "builtin:arithmetic", "--out", str(out)]) == 2
     assert (base / "model.safetensors").read_bytes() == weights and not (base / "sub").exists()
+
+
+def test_select_output_over_the_model_is_refused(tmp_path, capsys):
+    from pmss_dist.cli.select import main as select
+
+    base = write_tiny_checkpoint(tmp_path / "base", seed=0)
+    weights = (base / "model.safetensors").read_bytes()
+    for out in (base / "model.safetensors", base / "selection.json", base):
+        assert select(["--hf", str(base), "--k", "4", "--out", str(out)]) == 2
+        assert "an input of this command" in capsys.readouterr().err
+    assert (base / "model.safetensors").read_bytes() == weights and not (base / "selection.json").exists()

@@ -25,8 +25,9 @@ from pmss_dist.adapters.layers import TARGET_ALIASES, AdapterSpec, adapter_layer
 from pmss_dist.adapters.selection import SelectionError, save_selection
 from pmss_dist.build import build_model, sharded_meta_model
 from pmss_dist.config import SELECTION_METHODS, SVD_MODES
-from pmss_dist.hf.load import base_fingerprint, read_hf_config
 from pmss_dist.console import print_main
+from pmss_dist.files import OutputPathError, check_not_over_inputs, check_output_file
+from pmss_dist.hf.load import base_fingerprint, read_hf_config
 from pmss_dist.parallel.env import init_distributed, shutdown
 
 EXIT_USER_ERROR = 2
@@ -63,6 +64,11 @@ def main(argv=None) -> int:
 
 
 def select(args: argparse.Namespace) -> None:
+    try:  # before any work: the selection file never lands in, on or around the checkpoint
+        check_not_over_inputs(args.out, {"the checkpoint --hf": args.hf}, "--out")
+        check_output_file(args.out)
+    except OutputPathError as err:
+        raise _UserError(str(err)) from None
     hf_config = _read_checkpoint(args.hf, read_hf_config, args.hf)
     if not isinstance(hf_config, dict):
         raise _UserError(f"--hf {args.hf}: config.json must hold a JSON object")
