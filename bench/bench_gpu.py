@@ -6,7 +6,7 @@ Random weights at the real shapes (no model files travel): each model is built b
 in, activation checkpointing -> ``torch.compile(fullgraph=True)`` per block -> FSDP2 on a world of
 one, ``to_empty`` on the GPU, RoPE caches), then its frozen weights are drawn in place (N(0, 0.02))
 instead of loaded and the PMSS skeletons are random. bf16 frozen weights and compute, fp32
-adapters, AdamW on the adapters, the trainer's loss (``token_loss_sum``) and gradient clipping,
+adapters, AdamW on the adapters, the trainer's own step (``train.step``: loss, gradient clipping),
 random token ids.
 
 What is measured, per (model, AC mode, method):
@@ -183,8 +183,8 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     from pmss_dist.adapters.layers import AdapterSpec, assign_skeletons, count_parameters
     from pmss_dist.build import build_model
     from pmss_dist.config import ParallelConfig
-    from pmss_dist.eval.loss import token_loss_sum
-    from pmss_dist.parallel.grads import clip_grad_norm, trainable_parameters
+    from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
+    from pmss_dist.train import step as step_lib
     from pmss_dist.train.metrics import flops_per_token
 
     config = model_config(model_name)
@@ -214,14 +214,18 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     tokens = torch.randint(0, config["vocab_size"], (batch, seq + 1), generator=gen)
     data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
 
+    replicated = replicated_parameters(model)
+    trained = step_lib.trained_tokens([data])
+
     def step() -> float:
-        loss, count = token_loss_sum(model, data, env.device)
-        (loss / count).backward()
+        """The trainer's step (train.step), read every step as a log_every=1 run reads it."""
+        targets = step_lib.global_targets(trained, env.device)
+        loss_sum = step_lib.micro_steps(model, [data], env.device, targets)
+        norm = torch.zeros((), device=env.device)
         if optimizer is not None:
-            clip_grad_norm(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.item() / int(count)  # a host sync, as the trainer's logging has
+            norm = step_lib.reduce_and_clip(params, replicated, 1.0)
+            step_lib.update(optimizer)
+        return step_lib.read([step_lib.agree(0, loss_sum, 0, targets, norm)])[0].loss
 
     model.train()
     t0 = time.perf_counter()

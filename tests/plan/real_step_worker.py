@@ -61,7 +61,7 @@ def main() -> None:
     env = init_distributed()
     run = setup(cfg, env)
     for _ in range(MEASURED_STEP - 1):
-        train_step(run)
+        train_step(run, 0).work.wait()
     if not isinstance(run.model, FSDPModule):
         raise SystemExit("real_step_worker measures sharded bases (parallel.dp_shard > 1) only")
     tracker = FSDPMemTracker(run.model, run.optimizer)
@@ -80,7 +80,7 @@ def main() -> None:
     first = len(counter.calls)
     with tracker:
         pre_handle = run.model.register_forward_pre_hook(next_micro_batch, prepend=True)  # before the tracker's
-        train_step(run)
+        train_step(run, 0).work.wait()
     calls = counter.calls[first:]
     handle.remove()
     pre_handle.remove()

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 
 import torch
-import torch.distributed as dist
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mod_tracker import ModTracker
 from torch.distributed.fsdp import FSDPModule
@@ -40,9 +39,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from pmss_dist.adapters.quantize import stored_tensors
 from pmss_dist.data.batches import collate
 from pmss_dist.eval.loss import token_loss_sum
-from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
+from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
 from pmss_dist.plan.comms import Collective, CollectiveRecorder
 from pmss_dist.plan.fake import FAKE_DEVICE
+from pmss_dist.train import step as step_lib
 
 # Tracker categories (FSDPMemTracker's and MemTracker's names) -> the planner's.
 GATHERED = ("Unsharded Param", "All Gather")
@@ -324,6 +324,7 @@ def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_b
     """Run one micro-batch and the step's tail on ``model`` (materialised under ``fake_mode``) and
     measure them; ``groups``: the process groups collectives may run on."""
     batch = synthetic_batch(micro_batch, seq_len, vocab_size, packed)  # real: collation is data-dependent
+    trained = step_lib.trained_tokens([batch])
     with fake_mode:
         params = trainable_parameters(model)
         replicated = replicated_parameters(model)
@@ -359,7 +360,7 @@ def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_b
                 grad_bytes = local_bytes(p.grad for p in params)
                 _set_category(tracker, "Gradient")
                 tracker.windows.tail = True
-                _step_tail(params, replicated, optimizer, loss.detach(), grad_clip, tracker)
+                _step_tail(params, replicated, optimizer, loss.detach(), trained, grad_clip, tracker)
         finally:
             hook.remove()
         windows = tracker.windows.peaks
@@ -391,15 +392,12 @@ def _set_category(tracker, category: str) -> None:
         tracker.category = category
 
 
-def _step_tail(params: list, replicated: list, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-               grad_clip: float, tracker) -> None:
-    """What `train_step` does once per step after the micro-batches (its collectives included)."""
-    counts = torch.zeros(2, dtype=torch.float64, device=FAKE_DEVICE)
-    dist.all_reduce(counts)  # the trainer's global token counts (all-reduced before the micro-batches)
-    all_reduce_grads(replicated)
-    dist.all_reduce(loss)
-    clip_grad_norm(params, grad_clip)
+def _step_tail(params: list, replicated: list, optimizer: torch.optim.Optimizer, loss_sum: torch.Tensor,
+               trained: int, grad_clip: float, tracker) -> None:
+    """The trainer's own step after the micro-batches (`train.step`), its collectives included. The
+    count all-reduce, which the trainer makes before the micro-batches, is made here."""
+    targets = step_lib.global_targets(trained, FAKE_DEVICE)
+    norm = step_lib.reduce_and_clip(params, replicated, grad_clip)
     _set_category(tracker, "Optstate")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
+    step_lib.update(optimizer)
+    step_lib.agree(0, loss_sum, 0, targets, norm).work.wait()

@@ -31,7 +31,7 @@ from pmss_dist.data import examples as data_lib
 from pmss_dist.data.fingerprint import samples_fingerprint, tokenizer_fingerprint
 from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
-from pmss_dist.eval.loss import evaluate_loss, token_loss_sum
+from pmss_dist.eval.loss import evaluate_loss
 from pmss_dist.files import begin_staged, publish_dir, publish_staged, staging_dir
 from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
 from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
@@ -39,10 +39,11 @@ from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerp
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.console import print_main
 from pmss_dist.parallel.env import DistEnv, init_distributed, shutdown
-from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm, replicated_parameters, trainable_parameters
+from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
 from pmss_dist.parallel.mesh import data_parallel_mesh, local_world_size, resolve_dp_shape
 from pmss_dist.parallel.parallelize import rank_memory_bytes
 from pmss_dist.checkpoints.record import step_name
+from pmss_dist.train import step as step_lib
 from pmss_dist.train.checkpoint import DATA_KEY, EXAMPLES_KEY, TOKENIZER_KEY, CheckpointManager
 from pmss_dist.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
 from pmss_dist.train.run_dir import RunDir, RunDirError, RunLock
@@ -51,7 +52,6 @@ from pmss_dist.train.run_dir import RunDir, RunDirError, RunLock
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "try again later" (EX_TEMPFAIL).
 # launch/slurm requeues the job on it.
 EXIT_REQUEUE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 # Divergence: a loss above `divergence_factor` times the mean of this many recent losses.
@@ -64,20 +64,14 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
-        for sig in STOP_SIGNALS:
+        for sig in step_lib.STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def agreed(self, device: torch.device) -> int:
-        """The signal any rank received (0 if none): all ranks stop at the same step."""
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
     def restore(self) -> None:
-        for sig in STOP_SIGNALS:
+        for sig in step_lib.STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
 
 
@@ -312,45 +306,55 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     return run
 
 
-def train_step(run: Run) -> tuple[float, float, float]:
-    """One optimizer step on the next global batch; returns (loss, grad norm, global tokens)."""
+def train_step(run: Run, signum: int) -> step_lib.Unread:
+    """One optimizer step on the next global batch, its outcome left on the device (`step_lib`):
+    the host reads it at the next read point (`settle`). The first step of a fresh run is read
+    before its update, so that a base holding NaN is reported as such, not as a divergence."""
     cfg, env = run.cfg, run.env
     micro = batch_lib.rank_micro_batches(run.sampler.next_batch(), env.rank, env.world_size,
                                          cfg.data.micro_batch_size)
     batches = [batch_lib.collate([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
                for mb in micro]
     assert len(batches) == run.grad_accum
-    counts = torch.tensor([sum(int((b["labels"] != data_lib.IGNORE_INDEX).sum()) for b in batches),
-                           sum(b["tokens"].numel() for b in batches)], device=env.device, dtype=torch.float64)
-    dist.all_reduce(counts)
-    global_targets, global_tokens = counts.tolist()
-    if not global_targets:
-        raise DataError(f"the global batch of step {run.sampler.step} has no trained token: data.seq_len="
-                        f"{cfg.data.seq_len} cuts its samples before their responses; raise data.seq_len")
-    loss_sum = torch.zeros((), device=env.device, dtype=torch.float32)
-    for batch in batches:
-        loss, _ = token_loss_sum(run.model, batch, env.device)
-        (loss / global_targets).backward()
-        loss_sum += loss.detach()
-    all_reduce_grads(run.replicated)
-    dist.all_reduce(loss_sum)
-    step_loss = loss_sum.item() / global_targets
-    grad_norm = None
-    if math.isfinite(step_loss):
-        grad_norm = float(clip_grad_norm(run.params, cfg.optim.grad_clip))
-    # The loss is the previous update's verdict: checked before this step changes anything.
-    reason = divergence(step_loss, grad_norm, run.losses, cfg.checkpoint.divergence_factor)
-    if reason:
-        first = run.start_step == 0 and not run.losses  # no update yet: every weight is the base's
-        damaged = None if math.isfinite(step_loss) else nonfinite_base_weight(run.model, trainable_too=first)
-        if damaged:
-            raise ConfigError(f"model.path={cfg.model.path}: the base checkpoint holds non-finite values (NaN or "
-                              f"Inf) in {damaged}; it is damaged: convert or download it again")
-        raise DivergenceError(f"training diverged at step {run.sampler.step}: {reason}")
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    step = run.sampler.step
+    targets = step_lib.global_targets(step_lib.trained_tokens(batches), env.device)
+    loss_sum = step_lib.micro_steps(run.model, batches, env.device, targets)
+    if run.start_step == 0 and step == 1:  # nothing updated yet: every weight is the base's
+        first = step_lib.agree(step, loss_sum, 0, targets, torch.zeros((), device=env.device))
+        check_outcome(run, step_lib.read([first])[0], trainable_too=True)
+    grad_norm = step_lib.reduce_and_clip(run.params, run.replicated, cfg.optim.grad_clip)
+    step_lib.update(run.optimizer)
     run.scheduler.step()
-    return step_loss, grad_norm, global_tokens
+    return step_lib.agree(step, loss_sum, signum, targets, grad_norm)
+
+
+def check_outcome(run: Run, outcome: step_lib.Outcome, trainable_too: bool = False) -> None:
+    """Refuse a step whose loss or gradient norm is not sane (`divergence`): as the base's fault
+    when its loss is not finite because the base holds NaN or Inf, else as a divergence."""
+    cfg = run.cfg
+    if not outcome.targets:
+        raise DataError(f"the global batch of step {outcome.step} has no trained token: data.seq_len="
+                        f"{cfg.data.seq_len} cuts its samples before their responses; raise data.seq_len")
+    norm = outcome.grad_norm if math.isfinite(outcome.loss) else None
+    reason = divergence(outcome.loss, norm, run.losses, cfg.checkpoint.divergence_factor)
+    if not reason:
+        return
+    damaged = None if math.isfinite(outcome.loss) else nonfinite_base_weight(run.model, trainable_too=trainable_too)
+    if damaged:
+        raise ConfigError(f"model.path={cfg.model.path}: the base checkpoint holds non-finite values (NaN or "
+                          f"Inf) in {damaged}; it is damaged: convert or download it again")
+    raise DivergenceError(f"training diverged at step {outcome.step}: {reason}")
+
+
+def settle(run: Run, unread: list[step_lib.Unread]) -> step_lib.Outcome | None:
+    """A read point: the steps not read yet, read in one transfer and checked in order (every
+    rank alike: the values are all-reduced); their losses join ``run.losses``. Returns the last."""
+    outcomes = step_lib.read(unread)
+    unread.clear()
+    for outcome in outcomes:
+        check_outcome(run, outcome)
+        run.losses.append(outcome.loss)
+    return outcomes[-1] if outcomes else None
 
 
 def nonfinite_base_weight(model: torch.nn.Module, trainable_too: bool) -> str | None:
@@ -396,21 +400,32 @@ def fit(run: Run, stop: StopRequest) -> dict:
     peak = peak_flops(env.device)
     tokens_seen, stopped_by = 0, 0
     t_last, steps_since_log = time.perf_counter(), 0
+    global_tokens = cfg.data.batch_size * cfg.data.seq_len  # collation pads every row to seq_len
+    unread: list[step_lib.Unread] = []
     run.model.train()
     try:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
-            step_loss, grad_norm, global_tokens = train_step(run)
+            unread.append(train_step(run, stop.signum))
+            tokens_seen += global_tokens
+            steps_since_log += 1
+            logging = step % cfg.log.log_every == 0 or step == cfg.max_steps
+            evaluating = bool(cfg.data.eval_every) and (step % cfg.data.eval_every == 0 or step == cfg.max_steps)
+            # Read points: logging, eval, a checkpoint due (or waiting for this step to vouch for
+            # it). A stop signal or a bad loss is acted on at the next one: within log.log_every
+            # steps, and before any checkpoint of the weights after it is written or published.
+            if not (logging or evaluating or run.checkpoints.pending
+                    or run.checkpoints.due(step, cfg.max_steps, stopping=False)):
+                continue
+            last = settle(run, unread)
+            stopped_by = last.stop
             # This step's loss vouches for the weights the previous step saved: publish them.
             run.checkpoints.confirm()
-            run.losses.append(step_loss)
-            tokens_seen += int(global_tokens)
-            steps_since_log += 1
-            if step % cfg.log.log_every == 0 or step == cfg.max_steps:
+            if logging:
                 now = time.perf_counter()
                 tps = steps_since_log * global_tokens / (now - t_last)
                 t_last, steps_since_log = now, 0
-                scalars = {"train/loss": step_loss, "train/lr": run.scheduler.get_last_lr()[0],
-                           "train/grad_norm": grad_norm, "perf/tokens_per_s": tps,
+                scalars = {"train/loss": last.loss, "train/lr": run.scheduler.get_last_lr()[0],
+                           "train/grad_norm": last.grad_norm, "perf/tokens_per_s": tps,
                            "perf/tokens_per_s_per_device": tps / env.world_size}
                 if peak:
                     scalars["perf/mfu"] = tps / env.world_size * model_flops_per_token / peak
@@ -418,11 +433,10 @@ def fit(run: Run, stop: StopRequest) -> dict:
                 if mem is not None:
                     scalars["perf/peak_memory_gib"] = mem
                 logger.log(step, cfg.max_steps, scalars)
-            if cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.max_steps):
+            if evaluating:
                 eval_loss = evaluate_loss(run.model, run.eval_batches, env.device)  # collective: every rank
                 run.eval_losses.append([step, eval_loss])
                 logger.log(step, cfg.max_steps, {"eval/loss": eval_loss})
-            stopped_by = stop.agreed(env.device)
             if run.checkpoints.due(step, cfg.max_steps, stopping=bool(stopped_by)):
                 run.checkpoints.save(step, run.losses)
             if stopped_by:
