@@ -36,7 +36,7 @@ def check_output_file(path: str | Path) -> None:
     replaced, never written through)."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (the write itself says why it cannot be)
         return
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
         kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
