@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from pmss_dist.adapters.layers import TARGET_ALIASES, AdapterSpec, adapter_layer
 from pmss_dist.adapters.selection import SelectionError, save_selection
 from pmss_dist.build import build_model, sharded_meta_model
 from pmss_dist.config import SELECTION_METHODS, SVD_MODES
-from pmss_dist.console import print_main
+from pmss_dist.console import launcher_rank, print_main
 from pmss_dist.files import OutputPathError, check_not_over_inputs, check_output_file
 from pmss_dist.hf.load import base_fingerprint, read_hf_config
 from pmss_dist.parallel.env import init_distributed, shutdown
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
     except _UserError as err:
         # Raised on every rank alike (the same arguments and files; selection errors are gathered),
         # so rank 0's line says it all. No barrier on the way out: a peer may be elsewhere.
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        if launcher_rank() == 0:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()

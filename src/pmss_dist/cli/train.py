@@ -5,11 +5,11 @@ through ``launch/train.py``).
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from pmss_dist.config import load_config
+from pmss_dist.console import launcher_rank
 from pmss_dist.errors import USER_ERRORS, ConfigError
 from pmss_dist.train.trainer import EXIT_REQUEUE, train
 
@@ -20,15 +20,11 @@ EXIT_USER_ERROR = 2
 
 
 def report(err: Exception) -> int:
-    if _rank() == 0:
+    if launcher_rank() == 0:
         label = "config error" if isinstance(err, ConfigError) else "error"
         print(f"{label}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 
-
-def _rank() -> int:
-    """This process's global rank, from the launcher's environment (the process group may be gone)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def main(argv=None) -> int:
@@ -50,7 +46,7 @@ def main(argv=None) -> int:
         return report(err)
     if not summary["completed"]:
         return EXIT_REQUEUE  # stopped by SIGTERM/SIGUSR1 after saving: resume=auto continues
-    if _rank() == 0:
+    if launcher_rank() == 0:
         made = [name for name in ("summary.json", "merged/", "adapter/", "tensorboard/")
                 if (Path(cfg.output_dir) / name).exists()]
         print(f"done: {summary['steps']} steps, loss {summary['initial_loss']:.4f} -> "

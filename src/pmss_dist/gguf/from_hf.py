@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pmss_dist.files import atomic_write, check_not_over_inputs
-from pmss_dist.gguf.to_hf import (ARCHITECTURES, COMMON_FIELDS, GLOBAL_TENSORS, PRE_TOKENIZERS, REQUIRED, Architecture,
+from pmss_dist.gguf.to_hf import (ARCHITECTURES, BLOCK_LAYOUT, COMMON_FIELDS, GLOBAL_TENSORS, PRE_TOKENIZERS, REQUIRED, Architecture,
                                   _DIGITS, _llama_cpp_rope_freqs)
 from pmss_dist.hf.load import open_safetensors, read_hf_config, weight_files
 from pmss_dist.models import declared_rope_scaling, declared_rope_theta, head_dim, tied_embeddings
@@ -355,12 +355,12 @@ def storage_type(out_type: str, shape: tuple[int, ...]) -> str:
     if len(shape) == 1:
         return "F32"
     kind = OUT_TYPES[out_type][0]
-    return "F16" if kind == "Q8_0" and shape[-1] % 32 else kind
+    return "F16" if shape[-1] % BLOCK_LAYOUT[kind][0] else kind
 
 
 def _stored_bytes(kind: str, shape: tuple[int, ...]) -> int:
-    n = math.prod(shape)
-    return {"F32": 4 * n, "F16": 2 * n, "BF16": 2 * n, "Q8_0": n // 32 * 34}[kind]
+    elements, nbytes = BLOCK_LAYOUT[kind]  # per block, as the reader dequantizes them
+    return math.prod(shape) // elements * nbytes
 
 
 def _encode(values: np.ndarray, kind: str) -> np.ndarray:
