@@ -18,12 +18,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from pmss_dist.errors import DivergenceError
+from pmss_dist.errors import ConfigError, DivergenceError
 from pmss_dist.adapters.io import adapter_meta, save_adapter
 from pmss_dist.adapters.layers import FULL, PMSSLinear, adapter_layers, assign_skeletons, count_parameters
 from pmss_dist.adapters.selection import load_selection, save_selection
 from pmss_dist.build import build_model, parameter_bytes
-from pmss_dist.errors import ConfigError
 from pmss_dist.config import (BUILTIN_TINY, TrainConfig, adapter_spec, check_seq_len, check_world_size,
                               run_identity, to_dict)
 from pmss_dist.data import batches as batch_lib
