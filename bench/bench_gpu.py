@@ -215,7 +215,7 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
 
     replicated = replicated_parameters(model)
-    trained = step_lib.trained_tokens([data])
+    trained = step_lib.loss_units([data])
 
     def step() -> float:
         """The trainer's step (train.step), read every step as a log_every=1 run reads it."""

@@ -25,10 +25,13 @@ from pmss_dist.adapters.quantize import QUANTIZE_FORMATS
 from pmss_dist.data.quote import cut, quote
 
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_FORMATS = ("auto", "instruction", "chat", "qa")
+DATA_FORMATS = ("auto", "instruction", "chat", "qa", "preference")
 BAD_ROW_MODES = ("error", "skip")
 # Canonical row fields that data.columns may rename (chat: role/content inside each message).
-DATA_FIELDS = ("instruction", "input", "output", "messages", "role", "content", "question", "answer")
+DATA_FIELDS = ("instruction", "input", "output", "messages", "role", "content", "question", "answer", "prompt",
+               "chosen", "rejected")
+OBJECTIVES = ("sft", "dpo")
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
 AC_MODES = ("none", "full", "selective")
 SELECTION_METHODS = ("deim", "qdeim", "leverage", "norm", "random")
 SVD_MODES = ("auto", "exact", "randomized")
@@ -74,7 +77,7 @@ class DataConfig:
     train_on_prompt: bool = False
     # Files (source: a .json/.jsonl/.parquet/.csv file or a directory of them): row format and
     # the file's column names for the canonical fields, e.g. {question: problem, answer: solution}.
-    format: str = "auto"  # auto | instruction | chat | qa
+    format: str = "auto"  # auto | instruction | chat | qa | preference
     columns: dict[str, str] = field(default_factory=dict)
     prompt_template: str | None = None  # None: the format's default (docs/DATA.md)
     use_chat_template: bool = False  # render instruction/qa rows through the tokenizer's chat template
@@ -83,6 +86,14 @@ class DataConfig:
     eval_source: str | None = None  # held-out data for the eval loss (same formats as source)
     eval_every: int = 0  # optimizer steps between eval-loss passes; 0: never
     eval_batches: int = 0  # global batches (data.batch_size samples) per eval pass; 0: the whole eval set
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "sft"  # sft: token cross-entropy | dpo: preference pairs against the base (adapter off)
+    loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo
+    beta: float = 0.1  # dpo: the strength of the pull towards the reference
+    label_smoothing: float = 0.0  # dpo, sigmoid: the assumed share of flipped pairs (conservative DPO)
 
 
 @dataclass
@@ -135,6 +146,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -383,6 +395,34 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.batch_size % cfg.data.micro_batch_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                           f"data.micro_batch_size={cfg.data.micro_batch_size}")
+    validate_objective(cfg)
+
+
+def validate_objective(cfg: TrainConfig) -> None:
+    """``objective``, and what it asks of the adapter and the data."""
+    o = cfg.objective
+    _choice("objective.kind", o.kind, OBJECTIVES)
+    _choice("objective.loss", o.loss, PREFERENCE_LOSSES)
+    _check_float("objective.beta", o.beta, 0, low_open=True)
+    _check_float("objective.label_smoothing", o.label_smoothing, 0, 0.5, high_open=True)
+    if o.kind == "sft":
+        if cfg.data.format == "preference":
+            raise ConfigError("data.format=preference holds preference pairs, which objective.kind=sft does not "
+                              "train on: set objective.kind=dpo, or a supervised format")
+        return
+    if o.label_smoothing and o.loss != "sigmoid":
+        raise ConfigError(f"objective.label_smoothing={o.label_smoothing:g} applies to objective.loss=sigmoid only; "
+                          f"leave it at 0 for objective.loss={o.loss}")
+    if cfg.adapter.kind == FULL:
+        raise ConfigError("objective.kind=dpo takes the base with the adapter switched off as its reference model, "
+                          "and adapter.kind=full has no frozen base to switch back to: use adapter.kind pmss or lora")
+    if cfg.data.format not in ("auto", "preference"):
+        raise ConfigError(f"objective.kind=dpo trains on preference pairs, not data.format={cfg.data.format}: "
+                          "use data.format=preference (or auto)")
+    for key in ("data.packed", "data.train_on_prompt", "data.prompt_template"):
+        if _value(cfg, key):
+            raise ConfigError(f"{key} does not apply to objective.kind=dpo (a pair is its prompt and two responses, "
+                              "each scored on its response in a row of its own): leave it out")
 
 
 def _value(cfg: TrainConfig, key: str):
@@ -441,9 +481,9 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
 RUN_IDENTITY_KEYS = ("seed", "model.dtype", "model.quantize", "adapter.kind", "adapter.rank", "adapter.alpha", "adapter.targets",
                      "adapter.method", "data.source", "data.num_samples", "data.seq_len", "data.batch_size",
                      "data.train_on_prompt", "data.format", "data.columns", "data.prompt_template",
-                     "data.use_chat_template", "data.packed")
+                     "data.use_chat_template", "data.packed", "objective.kind", "objective.loss")
 # What an identity key was before it existed (a record that lacks it was written with this value).
-IDENTITY_DEFAULTS = {"model.quantize": "none"}
+IDENTITY_DEFAULTS = {"model.quantize": "none", "objective.kind": "sft"}
 
 
 def adapter_spec(cfg: TrainConfig) -> AdapterSpec:
@@ -464,6 +504,8 @@ def run_identity(config: dict) -> dict[str, object]:
         unused.add("adapter.method")
     if not str(flat.get("data.source", "")).startswith("builtin:"):
         unused.add("data.num_samples")
+    if flat.get("objective.kind", "sft") == "sft":
+        unused.add("objective.loss")
     return {key: _json_value(flat[key]) for key in RUN_IDENTITY_KEYS if key in flat and key not in unused}
 
 

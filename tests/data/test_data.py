@@ -358,7 +358,7 @@ def test_data_config_fields(tmp_path):
                              "data.on_bad_row=skip", "data.eval_source=builtin:arithmetic", "data.eval_every=5"])
     assert cfg.data.columns == {"question": "problem"} and cfg.data.packed and cfg.data.eval_every == 5
     for bad, match in [("data.format=tsv", "data.format"), ("data.on_bad_row=ignore", "data.on_bad_row"),
-                       ("data.columns={prompt: x}", "data.columns"), ("data.columns=[a]", "must be a mapping"),
+                       ("data.columns={bogus: x}", "data.columns"), ("data.columns=[a]", "must be a mapping"),
                        ("data.eval_every=3", "needs data.eval_source")]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, [bad])

@@ -234,3 +234,34 @@ def test_layers_with_a_window_shorter_than_the_sequence_are_planned_at_full_dept
                            parallel=ParallelConfig(), max_seq_len=64)
         assert _sampled_depths(DEEP, attention_windows(model), seq_len=64) == sampled
     assert _sampled_depths(sum(SAMPLED_DEPTHS), [None] * sum(SAMPLED_DEPTHS), seq_len=64) is None  # no time saved
+
+
+def test_a_dpo_step_is_planned_with_its_reference_forward_and_no_reference_copy(tmp_path):
+    # A dpo micro-batch of 4 pairs is 8 rows: the step of an sft micro-batch of 8 rows, plus a
+    # forward of those rows with the adapters off. Independent reference for that forward: torch's
+    # FLOP counter on a real (unsharded) model.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pmss_dist.adapters.layers import adapters_off
+    from pmss_dist.build import build_model
+    from pmss_dist.config import adapter_spec
+
+    cluster = Cluster(nodes=1, gpus_per_node=1, gpu_memory_gib=1, peak_tflops=100, intra_gbps=100, inter_gbps=10,
+                      mfu=0.5, headroom=0.1)
+    profiles = {}
+    for name, overrides in (("sft", ["data.micro_batch_size=8", "data.batch_size=8"]),
+                            ("dpo", ["objective.kind=dpo", "data.micro_batch_size=4", "data.batch_size=4"])):
+        cfg = load_config(TINY_CONFIG, ["data.seq_len=64", *overrides])
+        with fake_world(1):
+            ctx = _Context(cfg, dict(TINY_MODEL), cluster, check_world_size(cfg, 1))
+            profiles[name] = ctx._probe(Setting(1, None, "none"), dict(TINY_MODEL))
+    model = build_model(dict(TINY_MODEL), adapter=adapter_spec(cfg), mesh=None, device=torch.device("cpu"),
+                        dtype=torch.bfloat16, max_seq_len=64)
+    with torch.no_grad(), adapters_off(model), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(8, 64, dtype=torch.long))
+    sft, dpo = profiles["sft"], profiles["dpo"]
+    assert dpo.flops - sft.flops == counter.get_total_flops() > 0
+    assert dpo.frozen_bytes == sft.frozen_bytes  # one base: the reference is that base, adapters off
+    # The reference forward's activations are freed before the policy's forward: what stays is its
+    # log-probabilities, one number per row.
+    assert 0 <= dpo.peak_bytes - sft.peak_bytes <= 8 * 8

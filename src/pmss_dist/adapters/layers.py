@@ -16,6 +16,7 @@ no frozen memory at all. ``bench/bench_layer.py`` measures this against stored c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -86,6 +87,8 @@ class AdapterLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scale = update_scale(alpha, size)
+        # Off: the layer is its frozen base alone (`adapters_off`), as DPO's reference model.
+        self.adapter_on = True
         self.quantize = quantize
         dtype = dtype or torch.get_default_dtype()
         device = torch.device(device) if device is not None else torch.get_default_device()
@@ -174,6 +177,9 @@ class PMSSLinear(AdapterLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         core = self.core.to(x.dtype)
         weight = self.dense_weight(x.dtype)  # a quantized base: C and R are slices of W as dequantized
+        if not self.adapter_on:
+            out = self.base_linear(x, weight)
+            return out if self.bias is None else out + self.bias
         if self.out_features > self.in_features:
             # Wide output (gate/up): fold the update into the input, x' = x + s·(x·Rᵀ·Uᵀ) at
             # columns J, so the base GEMM applies C for free; the extra GEMM is k·d_in, not k·d_out.
@@ -225,6 +231,8 @@ class LoRALinear(AdapterLinear):
         out = self.base_linear(x, self.dense_weight(x.dtype))
         if self.bias is not None:
             out = out + self.bias
+        if not self.adapter_on:
+            return out
         return out + self.scale * F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +341,20 @@ def apply_pmss(model: nn.Module, targets=tuple(TARGET_ALIASES), k: int = 16, alp
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     """Adapter layers by fully qualified name, in module order (the same on every rank)."""
     return {plain_name(name): m for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within: every adapter layer computes its frozen base alone, so ``model`` is the base model
+    (bit for bit: an untrained update adds exact zeros). Nothing is copied or moved."""
+    layers = list(adapter_layers(model).values())
+    for layer in layers:
+        layer.adapter_on = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_on = True
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -78,8 +78,12 @@ def _load_rows(args, bad: datasets.BadRows) -> list[dict]:
     if args.data == data_lib.BUILTIN_ARITHMETIC:
         rows = data_lib.arithmetic_rows(args.builtin_num_samples, args.builtin_seed, held_out=True)
         return data_lib.arithmetic_examples(rows, args.prompt_template)
-    return datasets.load_examples(args.data, args.format, columns, args.prompt_template,
-                                  args.use_chat_template, bad)
+    examples = datasets.load_examples(args.data, args.format, columns, args.prompt_template,
+                                      args.use_chat_template, bad)
+    if data_lib.is_pair(examples[0]):
+        raise datasets.DataError(f"{args.data} holds preference pairs (chosen/rejected): pmss-eval generates answers to "
+                                 "prompts; a dpo run's eval (data.eval_source) reports the pairs' rewards/accuracies")
+    return examples
 
 
 def run(args: argparse.Namespace) -> dict | None:

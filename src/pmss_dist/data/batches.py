@@ -1,5 +1,8 @@
 """Batches: the global-batch sampler, each rank's micro-batches, and collation to tensors.
 
+A preference pair is one sample of two rows: ``data.micro_batch_size`` counts pairs, and a
+micro-batch of n pairs is 2n rows (`collate_samples`).
+
 The sampler fixes the order of samples in every *global* batch from the seed alone, and each rank
 takes its contiguous share: the samples of a step, and so the loss, do not depend on the number
 of processes or the accumulation split. A packed sample (with ``seq_lens``, see ``packing``) gets
@@ -92,6 +95,14 @@ def collate(samples: list[dict], seq_len: int, pad_id: int) -> dict[str, torch.T
     return batch
 
 
+def collate_samples(samples: list[dict], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate` for samples of either kind: preference pairs (``{"chosen", "rejected"}``, see
+    `data.examples.tokenize_preference`) become the chosen rows, then the rejected rows."""
+    if samples and "chosen" in samples[0]:
+        samples = [s["chosen"] for s in samples] + [s["rejected"] for s in samples]
+    return collate(samples, seq_len, pad_id)
+
+
 def eval_micro_batches(samples: list[dict], rank: int, world_size: int, micro_batch_size: int,
                        seq_len: int, pad_id: int, max_samples: int = 0) -> list[dict]:
     """This rank's eval batches over the first ``max_samples`` samples (0: all), which are the same
@@ -103,8 +114,10 @@ def eval_micro_batches(samples: list[dict], rank: int, world_size: int, micro_ba
         samples = samples[:max_samples]
     per_round = world_size * micro_batch_size
     empty = {"tokens": [pad_id], "labels": [IGNORE_INDEX]}
+    if samples and "chosen" in samples[0]:
+        empty = {"chosen": empty, "rejected": empty}
     batches = []
     for start in range(rank * micro_batch_size, -(-len(samples) // per_round) * per_round, per_round):
         rows = samples[start:start + micro_batch_size]
-        batches.append(collate(rows + [empty] * (micro_batch_size - len(rows)), seq_len, pad_id))
+        batches.append(collate_samples(rows + [empty] * (micro_batch_size - len(rows)), seq_len, pad_id))
     return batches

@@ -19,16 +19,24 @@ TOKENIZER_FILES = (BYTE_TOKENIZER_FILE, SENTENCEPIECE_FILE, HF_TOKENIZER_FILE, "
 
 
 def samples_fingerprint(samples: list[dict]) -> str:
-    """SHA-256 of the samples' integer fields (tokens, labels, packing's document ids ...), in order."""
+    """SHA-256 of the samples' integer fields (tokens, labels, packing's document ids ...; a pair's
+    sides' too), in order."""
     digest = hashlib.sha256()
     for sample in samples:
-        for key in sorted(sample):
-            value = sample[key]
-            if isinstance(value, (list, tuple)):
-                digest.update(key.encode())
-                digest.update(array("q", value).tobytes())
+        _hash_fields(digest, sample, "")
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+def _hash_fields(digest, sample: dict, prefix: str) -> None:
+    """A sample's integer lists by key, and a preference pair's two samples under their sides' names."""
+    for key in sorted(sample):
+        value = sample[key]
+        if isinstance(value, (list, tuple)):
+            digest.update((prefix + key).encode())
+            digest.update(array("q", value).tobytes())
+        elif isinstance(value, dict):
+            _hash_fields(digest, value, f"{prefix}{key}.")
 
 
 def tokenizer_fingerprint(base_dir: str | Path) -> str:

@@ -9,10 +9,17 @@ Formats (``data.format``; ``auto`` looks at the first row's columns):
 - ``instruction`` (Alpaca): ``instruction``, optional ``input``, ``output``;
 - ``chat``: ``messages``, a list of ``{role, content}`` (roles system/user/assistant; ShareGPT's
   human/gpt are accepted), at least one assistant turn;
-- ``qa`` (GSM8K): ``question``, ``answer``.
+- ``qa`` (GSM8K): ``question``, ``answer``;
+- ``preference`` (DPO pairs): ``prompt``, ``chosen``, ``rejected`` as texts; or ``chosen`` and
+  ``rejected`` as message lists that share every message but the last, the assistant's response
+  (UltraFeedback-binarized), with an optional ``prompt`` (text or messages) put before lists that
+  start with the response; or, with no ``prompt``, two texts whose shared beginning is the prompt
+  (HH-RLHF). A pair whose responses are identical or empty, or whose conversations differ before
+  the response, is malformed.
 
 ``data.columns`` maps a canonical field to the file's column name (``{question: problem}``).
-An example is ``{"prompt", "response", "where"}`` or ``{"messages", "where"}``; ``where`` is
+An example is ``{"prompt", "response", "where"}`` or ``{"messages", "where"}``, a pair
+``{"prompt", "chosen", "rejected", "where"}`` or ``{"chosen_messages", "rejected_messages", "where"}``; ``where`` is
 ``file:line`` (``file:row N`` for Parquet) so every later error can name its row.
 
 A malformed row either stops the load with ``DataError`` naming file and line (``on_bad_row=
@@ -39,7 +46,8 @@ from pmss_dist.errors import DataError
 from pmss_dist.data.quote import quote
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-FORMATS = ("instruction", "chat", "qa")
+FORMATS = ("instruction", "chat", "qa", "preference")
+PAIR_SIDES = ("chosen", "rejected")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                 "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 
@@ -243,6 +251,9 @@ def _csv_rows(path: Path, text: str):
 # ---------------------------------------------------------------------------------------------
 
 def detect_format(record: dict, columns: dict[str, str]) -> str:
+    # Preference sets often carry a "messages" column too (UltraFeedback-binarized): pairs first.
+    if all(columns.get(side, side) in record for side in PAIR_SIDES):
+        return "preference"
     for fmt, key in (("chat", "messages"), ("instruction", "instruction"), ("qa", "question")):
         if columns.get(key, key) in record:
             return fmt
@@ -289,7 +300,14 @@ def _json_list(record: dict, column: str):
 
 def _messages(record: dict, columns: dict[str, str]) -> list[dict]:
     column = columns.get("messages", "messages")
-    value = _json_list(record, column)
+    messages = _message_list(_json_list(record, column), column, columns)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("conversation has no assistant message: nothing to learn from")
+    return messages
+
+
+def _message_list(value, column: str, columns: dict[str, str]) -> list[dict]:
+    """Field ``column``'s ``value`` as checked ``{role, content}`` messages."""
     if not isinstance(value, list) or not value:
         raise RowError(f"field {column!r} must be a non-empty list of messages")
     role_key, content_key = columns.get("role", "role"), columns.get("content", "content")
@@ -303,9 +321,65 @@ def _messages(record: dict, columns: dict[str, str]) -> list[dict]:
         if not isinstance(content, str):
             raise RowError(f"message {i} content must be text, got {type(content).__name__}")
         messages.append({"role": ROLE_ALIASES[role], "content": _unicode(content, f"message {i} content")})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowError("conversation has no assistant message: nothing to learn from")
     return messages
+
+
+def _shared_prompt(chosen: str, rejected: str) -> str:
+    """The prompt of a pair given as two whole texts (HH-RLHF): their shared beginning, up to the
+    last whitespace in it, so that the responses start at a word (TRL's ``extract_prompt`` does
+    the same)."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:max((i for i in range(shared) if chosen[i].isspace()), default=shared)]
+
+
+def _pair(record: dict, columns: dict[str, str], use_chat_template: bool) -> dict:
+    """A preference row as ``{prompt, chosen, rejected}`` texts or two conversations."""
+    values = {side: record.get(columns.get(side, side)) for side in PAIR_SIDES}
+    if all(isinstance(v, str) for v in values.values()):
+        chosen, rejected = (_text(record, side, columns) for side in PAIR_SIDES)
+        prompt = _text(record, "prompt", columns, optional=True)
+        if not prompt.strip():
+            prompt = _shared_prompt(chosen, rejected)
+            if not prompt.strip():
+                raise RowError("no prompt field, and chosen and rejected share no beginning to take as the prompt")
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        if chosen == rejected:
+            raise RowError("chosen and rejected are the same response: the pair prefers nothing")
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                raise RowError(f"the {side} response is empty")
+        if not use_chat_template:
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        values = {side: [{"role": "assistant", "content": text}] for side, text in (("chosen", chosen),
+                                                                                     ("rejected", rejected))}
+        prefix = [{"role": "user", "content": prompt}]
+    else:
+        values = {side: _message_list(_json_list(record, columns.get(side, side)), columns.get(side, side), columns)
+                  for side in PAIR_SIDES}
+        prompt = record.get(columns.get("prompt", "prompt"))
+        prefix = []
+        if values["chosen"][0]["role"] == "assistant":  # the conversation before the response is the prompt
+            if isinstance(prompt, str) and prompt.strip():
+                prefix = [{"role": "user", "content": _text(record, "prompt", columns)}]
+            elif isinstance(prompt, list):
+                prefix = _message_list(prompt, columns.get("prompt", "prompt"), columns)
+            else:
+                raise RowError("chosen starts with the assistant's response and there is no prompt before it")
+    chosen, rejected = (prefix + values[side] for side in PAIR_SIDES)
+    for side, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if conversation[-1]["role"] != "assistant":
+            raise RowError(f"the last message of {side} is not the assistant's response")
+        if not conversation[-1]["content"].strip():
+            raise RowError(f"the {side} response is empty")
+        if len(conversation) < 2:
+            raise RowError(f"{side} has no prompt before its response")
+    if chosen[:-1] != rejected[:-1]:
+        raise RowError("chosen and rejected differ before their last message: a pair shares its prompt")
+    if chosen[-1] == rejected[-1]:
+        raise RowError("chosen and rejected are the same response: the pair prefers nothing")
+    return {"chosen_messages": chosen, "rejected_messages": rejected}
 
 
 def check_template(template: str, fmt: str) -> None:
@@ -331,7 +405,10 @@ def check_template(template: str, fmt: str) -> None:
 
 def to_example(record: dict, fmt: str, columns: dict[str, str], prompt_template: str | None,
                use_chat_template: bool) -> dict:
-    """One row as a prompt/response pair or a conversation; ``RowError`` if it is malformed."""
+    """One row as a prompt/response pair, a conversation or a preference pair; ``RowError`` if it is
+    malformed."""
+    if fmt == "preference":
+        return _pair(record, columns, use_chat_template)
     if fmt == "chat":
         return {"messages": _messages(record, columns)}
     if fmt == "instruction":
@@ -364,7 +441,7 @@ def load_examples(source: str | Path, fmt: str = "auto", columns: dict[str, str]
                 continue
             if fmt == "auto":
                 fmt = detect_format(record, columns)
-            if prompt_template is not None and fmt != "chat" and not examples:
+            if prompt_template is not None and fmt not in ("chat", "preference") and not examples:
                 check_template(prompt_template, fmt)
             try:
                 examples.append({**to_example(record, fmt, columns, prompt_template, use_chat_template),

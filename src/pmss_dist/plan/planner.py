@@ -43,6 +43,7 @@ from pmss_dist.adapters.layers import FULL, adapter_layers, count_parameters
 from pmss_dist.adapters.quantize import check_quantizable, tensor_bytes
 from pmss_dist.build import parameter_bytes
 from pmss_dist.errors import ConfigError
+from pmss_dist.eval.preference import preference_loss
 from pmss_dist.config import AC_MODES, ParallelConfig, TrainConfig, adapter_spec, check_world_size
 from pmss_dist.models.sliding_window import attention_windows
 from pmss_dist.parallel.mesh import REPLICATE, SHARD, resolve_dp_shape
@@ -178,7 +179,8 @@ class _Context:
                                optim_args=dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay),
                                micro_batch=d.micro_batch_size, seq_len=d.seq_len,
                                vocab_size=hf_config["vocab_size"], packed=d.packed, grad_accum=self.grad_accum,
-                               grad_clip=o.grad_clip, groups=mesh_groups(self.mesh(setting.dp_shard)))
+                               grad_clip=o.grad_clip, groups=mesh_groups(self.mesh(setting.dp_shard)),
+                               preference=preference_loss(self.cfg.objective))
         del model
         gc.collect()
         return profile
@@ -229,7 +231,9 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
         if shard in unsplittable:
             raise ConfigError(unsplittable[shard])  # the config's own mesh: its run would be refused the same way
         candidates = [s for s in candidates if s not in unsplittable]
-        counts, peft_flops = count_parameters(whole), flops_per_token(whole, hf_config, cfg.data.seq_len)
+        counts = count_parameters(whole)
+        peft_flops = flops_per_token(whole, hf_config, cfg.data.seq_len,
+                                     reference_forward=preference_loss(cfg.objective) is not None)
         if not full_depth:
             ctx.depths = _sampled_depths(hf_config["num_hidden_layers"], attention_windows(whole), cfg.data.seq_len)
         del whole
@@ -249,7 +253,8 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
                     say(f"fake step {len(measured) + 1}: {setting.overrides()}")
                     measured[setting] = ctx.probe(setting)
 
-    tokens_per_rank = cfg.data.micro_batch_size * cfg.data.seq_len * grad_accum
+    rows_per_sample = 2 if preference_loss(cfg.objective) else 1  # a dpo pair is two rows
+    tokens_per_rank = cfg.data.micro_batch_size * rows_per_sample * cfg.data.seq_len * grad_accum
     rows: list[Row] = []
     for s in candidates:
         for policy in _reshard_policies(s, ctx.full):

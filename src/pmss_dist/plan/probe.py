@@ -1,8 +1,9 @@
 """One training step on fake devices, measured: memory per rank, collectives and FLOPs.
 
 The step is the trainer's (`train.trainer.train_step`), piece for piece and with the same
-functions: a micro-batch made by `data.batches.collate`, `eval.loss.token_loss_sum` (the model's
-forward, the fp32 cross-entropy), the backward, `parallel.grads.all_reduce_grads`, the loss's
+functions: a micro-batch made by `data.batches.collate_samples`, `train.step.micro_loss` (the
+model's forward and the fp32 cross-entropy; for dpo the reference forward with the adapters off
+first, then the policy's), the backward, `parallel.grads.all_reduce_grads`, the loss's
 all-reduce, `parallel.grads.clip_grad_norm`, AdamW. It runs in the steady state: the optimizer
 state exists (as after step 1) and, with gradient accumulation, so do the gradients (as in every
 micro-batch but the first), so the peak is that of any later step.
@@ -37,8 +38,8 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pmss_dist.adapters.quantize import stored_tensors
-from pmss_dist.data.batches import collate
-from pmss_dist.eval.loss import token_loss_sum
+from pmss_dist.data.batches import collate_samples
+from pmss_dist.eval.preference import PreferenceLoss
 from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
 from pmss_dist.plan.comms import Collective, CollectiveRecorder
 from pmss_dist.plan.fake import FAKE_DEVICE
@@ -309,22 +310,29 @@ class WholeModelTracker(TorchDispatchMode):
         return {FAKE_DEVICE: {**self.live, "Total": sum(self.live.values())}}
 
 
-def synthetic_batch(micro_batch: int, seq_len: int, vocab_size: int, packed: bool) -> dict[str, torch.Tensor]:
+def synthetic_batch(micro_batch: int, seq_len: int, vocab_size: int, packed: bool,
+                    pairs: bool = False) -> dict[str, torch.Tensor]:
     """A micro-batch as the trainer's collation makes it: full rows of ``seq_len`` tokens (collate
-    pads every row to seq_len anyway), a packed batch with its document mask and positions."""
+    pads every row to seq_len anyway), a packed batch with its document mask and positions;
+    ``pairs``: ``micro_batch`` preference pairs, two rows each."""
     tokens = [i % vocab_size for i in range(seq_len)]
     sample = {"tokens": tokens, "labels": tokens}
     if packed:
         sample["seq_lens"] = [seq_len]
-    return collate([dict(sample) for _ in range(micro_batch)], seq_len, pad_id=0)
+    if pairs:
+        sample = {"chosen": sample, "rejected": sample}
+    return collate_samples([dict(sample) for _ in range(micro_batch)], seq_len, pad_id=0)
 
 
 def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_batch: int, seq_len: int,
-                 vocab_size: int, packed: bool, grad_accum: int, grad_clip: float, groups: list) -> StepProfile:
+                 vocab_size: int, packed: bool, grad_accum: int, grad_clip: float, groups: list,
+                 preference: PreferenceLoss | None = None) -> StepProfile:
     """Run one micro-batch and the step's tail on ``model`` (materialised under ``fake_mode``) and
-    measure them; ``groups``: the process groups collectives may run on."""
-    batch = synthetic_batch(micro_batch, seq_len, vocab_size, packed)  # real: collation is data-dependent
-    trained = step_lib.trained_tokens([batch])
+    measure them; ``groups``: the process groups collectives may run on; ``preference``: a dpo
+    step (pairs, and the reference forward)."""
+    # real: collation is data-dependent
+    batch = synthetic_batch(micro_batch, seq_len, vocab_size, packed, pairs=preference is not None)
+    trained = step_lib.loss_units([batch], preference)
     with fake_mode:
         params = trainable_parameters(model)
         replicated = replicated_parameters(model)
@@ -353,14 +361,15 @@ def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_b
         flops = FlopCount()
         try:
             with tracker, recorder, vocab, flops:
-                loss, _ = token_loss_sum(model, batch, FAKE_DEVICE)
+                loss, stats = step_lib.micro_loss(model, batch, FAKE_DEVICE, preference)
                 _set_category(tracker, "Temp")
                 (loss / (micro_batch * seq_len * grad_accum)).backward()
                 micro_end = recorder.mark()
                 grad_bytes = local_bytes(p.grad for p in params)
                 _set_category(tracker, "Gradient")
                 tracker.windows.tail = True
-                _step_tail(params, replicated, optimizer, loss.detach(), trained, grad_clip, tracker)
+                sums = torch.cat([loss.detach().reshape(1), stats]).to(torch.float64)
+                _step_tail(params, replicated, optimizer, sums, trained, grad_clip, tracker)
         finally:
             hook.remove()
         windows = tracker.windows.peaks
@@ -392,7 +401,7 @@ def _set_category(tracker, category: str) -> None:
         tracker.category = category
 
 
-def _step_tail(params: list, replicated: list, optimizer: torch.optim.Optimizer, loss_sum: torch.Tensor,
+def _step_tail(params: list, replicated: list, optimizer: torch.optim.Optimizer, sums: torch.Tensor,
                trained: int, grad_clip: float, tracker) -> None:
     """The trainer's own step after the micro-batches (`train.step`), its collectives included. The
     count all-reduce, which the trainer makes before the micro-batches, is made here."""
@@ -400,4 +409,4 @@ def _step_tail(params: list, replicated: list, optimizer: torch.optim.Optimizer,
     norm = step_lib.reduce_and_clip(params, replicated, grad_clip)
     _set_category(tracker, "Optstate")
     step_lib.update(optimizer)
-    step_lib.agree(0, loss_sum, 0, targets, norm).work.wait()
+    step_lib.agree(0, sums, 0, targets, norm).work.wait()

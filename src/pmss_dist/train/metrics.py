@@ -23,14 +23,17 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def peft_flops_per_token(frozen_matmul_params: int, adapter_flops_per_token: int, num_layers: int,
-                         dim: int, seq_len: int) -> float:
+                         dim: int, seq_len: int, reference_forward: bool = False) -> float:
     """Training FLOPs per token when the base is frozen: forward (2N) and the input-gradient GEMMs
     of backward (2N), but no weight-gradient GEMMs (torchtitan's 6N counts those). Adapter work
-    is counted forward + both backward GEMMs (3x); attention scores and values 3 x 4·L·T·d."""
-    return 4 * frozen_matmul_params + 3 * adapter_flops_per_token + 12 * num_layers * seq_len * dim
+    is counted forward + both backward GEMMs (3x); attention scores and values 3 x 4·L·T·d.
+    ``reference_forward`` (dpo): plus the base's forward with the adapters off (2N + 4·L·T·d)."""
+    attention = 4 * num_layers * seq_len * dim
+    flops = 4 * frozen_matmul_params + 3 * adapter_flops_per_token + 3 * attention
+    return flops + (2 * frozen_matmul_params + attention if reference_forward else 0)
 
 
-def flops_per_token(model, hf_config: dict, seq_len: int) -> float:
+def flops_per_token(model, hf_config: dict, seq_len: int, reference_forward: bool = False) -> float:
     """`peft_flops_per_token` of ``model`` as built (adapters swapped in, sharded or not): frozen
     matmul weights at 4N, trained ones (full fine-tuning) and adapter work at 6N."""
     frozen = adapter = 0
@@ -44,7 +47,8 @@ def flops_per_token(model, hf_config: dict, seq_len: int) -> float:
             frozen += p.numel()
     for layer in adapter_layers(model).values():
         adapter += 2 * layer.flops_per_token()
-    return peft_flops_per_token(frozen, adapter, hf_config["num_hidden_layers"], hf_config["hidden_size"], seq_len)
+    return peft_flops_per_token(frozen, adapter, hf_config["num_hidden_layers"], hf_config["hidden_size"], seq_len,
+                                reference_forward)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

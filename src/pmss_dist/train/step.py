@@ -2,8 +2,9 @@
 bench times (bench/bench_gpu.py), so that none of them restates it.
 
 A step waits on the ranks only where it must. Before the forward, one all-reduce of this rank's
-trained-token count (`global_targets`): every micro-batch's loss is divided by the global count,
-which the gradients need. After the update, one all-reduce of ``[loss sum, stop flags]``
+count of what the loss averages over (`loss_units`: trained tokens, or a dpo run's pairs): every
+micro-batch's loss is divided by the global count, which the gradients need. After the update,
+one all-reduce of ``[loss sum, a dpo run's reward sums, stop flags]``
 (`agree`), issued without waiting; the host reads it only at the trainer's read points (logging,
 checkpoints, the end). Between read points a step makes no host read: the loss, the gradient norm
 and the counts stay on the device, and the next kernels queue behind the current ones.
@@ -19,15 +20,29 @@ import torch.distributed as dist
 
 from pmss_dist.data.batches import IGNORE_INDEX
 from pmss_dist.eval.loss import token_loss_sum
+from pmss_dist.eval.preference import PreferenceLoss, preference_loss_sum, trained_pairs
 from pmss_dist.parallel.grads import all_reduce_grads, clip_grad_norm
 
 # The stop signals `agree` carries, one counter each: summed over ranks, any count above zero stops.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def trained_tokens(batches: list[dict]) -> int:
-    """This rank's trained tokens in its collated (CPU) micro-batches: no device is involved."""
+def loss_units(batches: list[dict], preference: PreferenceLoss | None = None) -> int:
+    """What this rank's collated (CPU) micro-batches' loss is a sum over: trained tokens, or with
+    ``preference`` the pairs trained on both sides. No device is involved."""
+    if preference is not None:
+        return sum(trained_pairs(b) for b in batches)
     return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+
+
+def micro_loss(model: torch.nn.Module, batch: dict, device: torch.device,
+               preference: PreferenceLoss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's summed loss (with its graph) and its statistics' sums (detached; none for
+    the token loss, `eval.preference.PREFERENCE_STATS` with ``preference``)."""
+    if preference is not None:
+        return preference_loss_sum(model, batch, device, preference)
+    loss, _ = token_loss_sum(model, batch, device)
+    return loss, loss.new_zeros(0)
 
 
 def global_targets(count: int, device: torch.device) -> torch.Tensor:
@@ -39,15 +54,16 @@ def global_targets(count: int, device: torch.device) -> torch.Tensor:
 
 
 def micro_steps(model: torch.nn.Module, batches: list[dict], device: torch.device,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, preference: PreferenceLoss | None = None) -> torch.Tensor:
     """Forward and backward of this rank's micro-batches, each loss divided by the global
-    ``targets``; returns the undivided loss sum on the device."""
-    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    ``targets``; returns the undivided ``[loss sum, statistics' sums]`` on the device."""
+    sums = None
     for batch in batches:
-        loss, _ = token_loss_sum(model, batch, device)
+        loss, stats = micro_loss(model, batch, device, preference)
         (loss / targets.to(loss.dtype)).backward()  # as dividing by the count as a number would
-        loss_sum += loss.detach()
-    return loss_sum
+        part = torch.cat([loss.detach().reshape(1), stats]).to(torch.float64)
+        sums = part if sums is None else sums + part
+    return sums
 
 
 def reduce_and_clip(params: list, replicated: list, grad_clip: float) -> torch.Tensor:
@@ -67,19 +83,19 @@ class Unread:
     """A step whose outcome the host has not read yet."""
 
     step: int
-    agreed: torch.Tensor  # [loss sum, one count per STOP_SIGNALS], summed over ranks once `work` is done
+    agreed: torch.Tensor  # [loss sum, statistics' sums, one count per STOP_SIGNALS], summed over ranks once `work` is done
     work: object  # the async all-reduce's handle
     targets: torch.Tensor
     grad_norm: torch.Tensor
 
 
-def agree(step: int, loss_sum: torch.Tensor, signum: int, targets: torch.Tensor,
+def agree(step: int, sums: torch.Tensor, signum: int, targets: torch.Tensor,
           grad_norm: torch.Tensor) -> Unread:
-    """Start the one all-reduce after the update: the loss sum and whether this rank was asked to
-    stop. Nothing waits for it here."""
+    """Start the one all-reduce after the update: the loss sum and statistics' sums (`micro_steps`)
+    and whether this rank was asked to stop. Nothing waits for it here."""
     flags = [float(signum == s) for s in STOP_SIGNALS]
-    agreed = torch.cat([loss_sum.detach().reshape(1).to(torch.float64),
-                        torch.tensor(flags, dtype=torch.float64, device=loss_sum.device)])
+    agreed = torch.cat([sums.detach().reshape(-1).to(torch.float64),
+                        torch.tensor(flags, dtype=torch.float64, device=sums.device)])
     return Unread(step, agreed, dist.all_reduce(agreed, async_op=True), targets, grad_norm)
 
 
@@ -90,6 +106,7 @@ class Outcome:
     grad_norm: float
     targets: float
     stop: int  # the stop signal any rank had received by this step, or 0
+    stats: tuple[float, ...] = ()  # the statistics' global means (per pair), in `micro_loss`'s order
 
 
 def read(unread: list[Unread]) -> list[Outcome]:
@@ -102,7 +119,9 @@ def read(unread: list[Unread]) -> list[Outcome]:
                           for e in unread]).tolist()
     outcomes = []
     for entry, row in zip(unread, values):
-        loss_sum, flags, targets, norm = row[0], row[1:1 + len(STOP_SIGNALS)], row[-2], row[-1]
+        sums, flags = row[:-2 - len(STOP_SIGNALS)], row[-2 - len(STOP_SIGNALS):-2]
+        targets, norm = row[-2], row[-1]
         stop = next((int(s) for s, n in zip(STOP_SIGNALS, flags) if n > 0), 0)
-        outcomes.append(Outcome(entry.step, loss_sum / targets if targets else float("nan"), norm, targets, stop))
+        means = [s / targets if targets else float("nan") for s in sums]
+        outcomes.append(Outcome(entry.step, means[0], norm, targets, stop, tuple(means[1:])))
     return outcomes

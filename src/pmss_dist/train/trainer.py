@@ -31,6 +31,7 @@ from pmss_dist.data.fingerprint import samples_fingerprint, tokenizer_fingerprin
 from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss
+from pmss_dist.eval.preference import PREFERENCE_STATS, PreferenceLoss, evaluate_preference, preference_loss
 from pmss_dist.files import begin_staged, publish_dir, publish_staged, staging_dir
 from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
 from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
@@ -204,10 +205,12 @@ class Run:
     hf_config: dict
     fingerprint: str
     grad_accum: int
+    preference: PreferenceLoss | None  # a dpo run's loss; None: the token loss
     start_step: int = 0
     losses: list = field(default_factory=list)
     eval_batches: list = field(default_factory=list)  # this rank's held-out batches (data.eval_source)
     eval_losses: list = field(default_factory=list)  # [step, loss] pairs of this run
+    eval_metrics: list = field(default_factory=list)  # a dpo run's [step, {name: value}] of its evals
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -278,7 +281,8 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     optimizer = torch.optim.AdamW(params, **optimizer_settings(cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     tokenizer = load_tokenizer(base_dir)
-    dataset = data_lib.build_dataset(cfg.data, tokenizer, seed=cfg.seed)
+    preference = preference_loss(cfg.objective)
+    dataset = data_lib.build_dataset(cfg.data, tokenizer, seed=cfg.seed, pairs=preference is not None)
     sampler = batch_lib.GlobalBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed)
     checkpoints = CheckpointManager(run_dir.checkpoints, cfg.checkpoint, env.rank, model=model, optimizer=optimizer,
                                     scheduler=scheduler, sampler=sampler, config=to_dict(cfg), base_dir=base_dir,
@@ -287,9 +291,9 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
                                               DATA_KEY: samples_fingerprint(dataset),
                                               TOKENIZER_KEY: tokenizer_fingerprint(base_dir)})
     run = Run(cfg, env, run_dir, model, params, replicated_parameters(model), optimizer, scheduler, sampler, dataset,
-              tokenizer, checkpoints, base_dir, hf_config, fingerprint, grad_accum)
+              tokenizer, checkpoints, base_dir, hf_config, fingerprint, grad_accum, preference)
     if cfg.data.eval_every:
-        eval_set = data_lib.build_eval_dataset(cfg.data, tokenizer, seed=cfg.seed)
+        eval_set = data_lib.build_eval_dataset(cfg.data, tokenizer, seed=cfg.seed, pairs=preference is not None)
         run.eval_batches = batch_lib.eval_micro_batches(
             eval_set, env.rank, env.world_size, cfg.data.micro_batch_size, cfg.data.seq_len, tokenizer.pad_id,
             max_samples=cfg.data.eval_batches * cfg.data.batch_size)
@@ -305,26 +309,31 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     return run
 
 
+def rank_batches(run: Run, global_indices: list[int]) -> list[dict]:
+    """This rank's collated micro-batches of a global batch."""
+    cfg, env = run.cfg, run.env
+    micro = batch_lib.rank_micro_batches(global_indices, env.rank, env.world_size, cfg.data.micro_batch_size)
+    return [batch_lib.collate_samples([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
+            for mb in micro]
+
+
 def train_step(run: Run, signum: int) -> step_lib.Unread:
     """One optimizer step on the next global batch, its outcome left on the device (`step_lib`):
     the host reads it at the next read point (`settle`). The first step of a fresh run is read
     before its update, so that a base holding NaN is reported as such, not as a divergence."""
     cfg, env = run.cfg, run.env
-    micro = batch_lib.rank_micro_batches(run.sampler.next_batch(), env.rank, env.world_size,
-                                         cfg.data.micro_batch_size)
-    batches = [batch_lib.collate([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
-               for mb in micro]
+    batches = rank_batches(run, run.sampler.next_batch())
     assert len(batches) == run.grad_accum
     step = run.sampler.step
-    targets = step_lib.global_targets(step_lib.trained_tokens(batches), env.device)
-    loss_sum = step_lib.micro_steps(run.model, batches, env.device, targets)
+    targets = step_lib.global_targets(step_lib.loss_units(batches, run.preference), env.device)
+    sums = step_lib.micro_steps(run.model, batches, env.device, targets, run.preference)
     if run.start_step == 0 and step == 1:  # nothing updated yet: every weight is the base's
-        first = step_lib.agree(step, loss_sum, 0, targets, torch.zeros((), device=env.device))
+        first = step_lib.agree(step, sums, 0, targets, torch.zeros((), device=env.device))
         check_outcome(run, step_lib.read([first])[0], trainable_too=True)
     grad_norm = step_lib.reduce_and_clip(run.params, run.replicated, cfg.optim.grad_clip)
     step_lib.update(run.optimizer)
     run.scheduler.step()
-    return step_lib.agree(step, loss_sum, signum, targets, grad_norm)
+    return step_lib.agree(step, sums, signum, targets, grad_norm)
 
 
 def check_outcome(run: Run, outcome: step_lib.Outcome, trainable_too: bool = False) -> None:
@@ -332,10 +341,11 @@ def check_outcome(run: Run, outcome: step_lib.Outcome, trainable_too: bool = Fal
     when its loss is not finite because the base holds NaN or Inf, else as a divergence."""
     cfg = run.cfg
     if not outcome.targets:
-        raise DataError(f"the global batch of step {outcome.step} has no trained token: data.seq_len="
+        what = "pair with trained tokens on both sides" if run.preference else "trained token"
+        raise DataError(f"the global batch of step {outcome.step} has no {what}: data.seq_len="
                         f"{cfg.data.seq_len} cuts its samples before their responses; raise data.seq_len")
     norm = outcome.grad_norm if math.isfinite(outcome.loss) else None
-    reason = divergence(outcome.loss, norm, run.losses, cfg.checkpoint.divergence_factor)
+    reason = divergence(outcome.loss, norm, run.losses, divergence_factor(run))
     if not reason:
         return
     damaged = None if math.isfinite(outcome.loss) else nonfinite_base_weight(run.model, trainable_too=trainable_too)
@@ -343,6 +353,12 @@ def check_outcome(run: Run, outcome: step_lib.Outcome, trainable_too: bool = Fal
         raise ConfigError(f"model.path={cfg.model.path}: the base checkpoint holds non-finite values (NaN or "
                           f"Inf) in {damaged}; it is damaged: convert or download it again")
     raise DivergenceError(f"training diverged at step {outcome.step}: {reason}")
+
+
+def divergence_factor(run: Run) -> float:
+    """``checkpoint.divergence_factor``, for the token loss only: a preference loss falls towards 0
+    as the pairs are learnt, where ten times a tiny mean is no sign of divergence."""
+    return 0.0 if run.preference else run.cfg.checkpoint.divergence_factor
 
 
 def settle(run: Run, unread: list[step_lib.Unread]) -> step_lib.Outcome | None:
@@ -375,12 +391,8 @@ def nonfinite_base_weight(model: torch.nn.Module, trainable_too: bool) -> str | 
 def probe_loss(run: Run) -> float:
     """The loss of the current weights on the next global batch, forward only: the sanity check
     of the last update when no step follows it (the last step, a stop)."""
-    cfg, env = run.cfg, run.env
-    micro = batch_lib.rank_micro_batches(run.sampler.peek_batch(), env.rank, env.world_size,
-                                         cfg.data.micro_batch_size)
-    batches = [batch_lib.collate([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
-               for mb in micro]
-    loss = evaluate_loss(run.model, batches, env.device)
+    batches = rank_batches(run, run.sampler.peek_batch())
+    loss = evaluate(run, batches)["loss"]
     # No backward follows this forward: blocks kept gathered for one (reshard_after_forward=False,
     # and always the root) would stay unsharded, holding the whole base on every rank.
     for module in run.model.modules():
@@ -389,17 +401,33 @@ def probe_loss(run: Run) -> float:
     return loss
 
 
+def evaluate(run: Run, batches: list[dict]) -> dict[str, float]:
+    """The loss of ``batches`` (collective: every rank, as many batches), and a dpo run's
+    `PREFERENCE_STATS`."""
+    if run.preference is not None:
+        return evaluate_preference(run.model, batches, run.env.device, run.preference)
+    return {"loss": evaluate_loss(run.model, batches, run.env.device)}
+
+
+def preference_scalars(prefix: str, stats: dict[str, float]) -> dict[str, float]:
+    """A dpo run's statistics as TRL names them, with the margin."""
+    margins = stats["rewards/chosen"] - stats["rewards/rejected"]
+    return {f"{prefix}{name}": stats[name] for name in PREFERENCE_STATS} | {f"{prefix}rewards/margins": margins}
+
+
 def fit(run: Run, stop: StopRequest) -> dict:
     """Train from ``run.start_step`` to ``max_steps`` (or until a stop signal), checkpointing as
     the checkpoint manager's policy says; rank 0 then writes the adapter, the resolved config and
     ``summary.json``."""
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
     logger = MetricsLogger(run_dir.tensorboard if cfg.log.tensorboard else None, env.is_main)
-    model_flops_per_token = flops_per_token(run.model, run.hf_config, cfg.data.seq_len)
+    model_flops_per_token = flops_per_token(run.model, run.hf_config, cfg.data.seq_len,
+                                            reference_forward=run.preference is not None)
     peak = peak_flops(env.device)
     tokens_seen, stopped_by = 0, 0
     t_last, steps_since_log = time.perf_counter(), 0
-    global_tokens = cfg.data.batch_size * cfg.data.seq_len  # collation pads every row to seq_len
+    rows_per_sample = 2 if run.preference else 1  # a pair is two rows
+    global_tokens = cfg.data.batch_size * rows_per_sample * cfg.data.seq_len  # collation pads every row to seq_len
     unread: list[step_lib.Unread] = []
     run.model.train()
     try:
@@ -423,9 +451,11 @@ def fit(run: Run, stop: StopRequest) -> dict:
                 now = time.perf_counter()
                 tps = steps_since_log * global_tokens / (now - t_last)
                 t_last, steps_since_log = now, 0
-                scalars = {"train/loss": last.loss, "train/lr": run.scheduler.get_last_lr()[0],
-                           "train/grad_norm": last.grad_norm, "perf/tokens_per_s": tps,
-                           "perf/tokens_per_s_per_device": tps / env.world_size}
+                scalars = {"train/loss": last.loss}
+                if run.preference:
+                    scalars |= preference_scalars("train/", dict(zip(PREFERENCE_STATS, last.stats)))
+                scalars |= {"train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": last.grad_norm,
+                            "perf/tokens_per_s": tps, "perf/tokens_per_s_per_device": tps / env.world_size}
                 if peak:
                     scalars["perf/mfu"] = tps / env.world_size * model_flops_per_token / peak
                 mem = peak_memory_gib(env.device)
@@ -433,15 +463,19 @@ def fit(run: Run, stop: StopRequest) -> dict:
                     scalars["perf/peak_memory_gib"] = mem
                 logger.log(step, cfg.max_steps, scalars)
             if evaluating:
-                eval_loss = evaluate_loss(run.model, run.eval_batches, env.device)  # collective: every rank
-                run.eval_losses.append([step, eval_loss])
-                logger.log(step, cfg.max_steps, {"eval/loss": eval_loss})
+                result = evaluate(run, run.eval_batches)  # collective: every rank
+                run.eval_losses.append([step, result["loss"]])
+                scalars = {"eval/loss": result["loss"]}
+                if run.preference:
+                    scalars |= preference_scalars("eval/", result)
+                    run.eval_metrics.append([step, {k.removeprefix("eval/"): v for k, v in scalars.items()}])
+                logger.log(step, cfg.max_steps, scalars)
             if run.checkpoints.due(step, cfg.max_steps, stopping=bool(stopped_by)):
                 run.checkpoints.save(step, run.losses)
             if stopped_by:
                 break
         if run.checkpoints.pending:  # no step follows the last save: a forward on the next batch vouches
-            reason = divergence(probe_loss(run), None, run.losses, cfg.checkpoint.divergence_factor)
+            reason = divergence(probe_loss(run), None, run.losses, divergence_factor(run))
             if reason:
                 raise DivergenceError(f"training diverged at step {len(run.losses)}: on the next batch {reason}")
             run.checkpoints.confirm()
@@ -465,7 +499,9 @@ def fit(run: Run, stop: StopRequest) -> dict:
                "stopped_by_signal": signal.Signals(stopped_by).name if stopped_by else None,
                "trainable_params": counts["trainable"], "total_params": counts["total"],
                "world_size": env.world_size, "tokens_seen_this_run": tokens_seen, "adapter": cfg.adapter.kind,
-               "eval_losses": run.eval_losses}
+               "objective": cfg.objective.kind, "eval_losses": run.eval_losses}
+    if run.preference:
+        summary["eval_metrics"] = run.eval_metrics
     full = cfg.adapter.kind == FULL
     # A quantized run's merged export is the model it trained: its update folded into the base as
     # the run stored it (docs/HF.md, "A quantized base").
