@@ -184,6 +184,7 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     from pmss_dist.build import build_model
     from pmss_dist.config import ParallelConfig
     from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
+    from pmss_dist.parallel.mesh import ParallelDims
     from pmss_dist.train import step as step_lib
     from pmss_dist.train.metrics import flops_per_token
 
@@ -197,8 +198,9 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
               "planner_prediction_gib": None, "planner_note": PLANNER_NOTE}
     t0 = time.perf_counter()
     parallel = ParallelConfig(compile=compile, activation_checkpointing=ac, reshard_after_forward="auto")
-    model = build_model(config, adapter=spec, mesh=env.mesh, device=env.device, dtype=torch.bfloat16,
-                        parallel=parallel, max_seq_len=seq)
+    mesh = ParallelDims.flat(env.world_size).build_mesh(env.device.type)
+    model = build_model(config, adapter=spec, mesh=mesh, device=env.device, dtype=torch.bfloat16, parallel=parallel,
+                        max_seq_len=seq)
     random_init(model, seed=0)
     if method == "pmss":
         assign_skeletons(model, selections=random_skeletons(model, seed=0))

@@ -24,6 +24,7 @@ from pmss_dist.config import ParallelConfig
 from pmss_dist.hf.load import base_parameters, check_hf_weights, load_hf_weights
 from pmss_dist.models import build_decoder, init_rope_caches
 from pmss_dist.console import print_main
+from pmss_dist.parallel.mesh import SHARD
 from pmss_dist.parallel.parallelize import parallelize, rank_memory_bytes, resolve_reshard_after_forward
 
 # Inference and selection: no compile, no activation checkpointing, reshard after every forward.
@@ -52,7 +53,7 @@ def sharded_meta_model(hf_config: dict, *, adapter: AdapterSpec | None, mesh: De
     """The first half of `build_model`: the model on the meta device with adapters, activation
     checkpointing, compile and FSDP2 applied, and no memory used (``device`` only sizes
     ``reshard_after_forward: auto``). The planner (`pmss_dist.plan`) materialises it under fake tensors."""
-    shards = 1 if mesh is None else mesh.size(mesh.ndim - 1)  # the dp_shard dimension is the last
+    shards = 1 if mesh is None else mesh[SHARD].size()
     model = _meta_model(hf_config, adapter, dtype, max_seq_len, shards=shards, device=device)
     if weights is not None:  # names and shapes, from the file headers: before any memory is used
         check_hf_weights({name: p.shape for name, p in base_parameters(model).items()}, weights, hf_config)

@@ -12,7 +12,8 @@ import torch
 
 from conftest import FAST, FULL, probe, run_job, summary
 from pmss_dist.config import ConfigError, ParallelConfig
-from pmss_dist.parallel.mesh import resolve_dp_shape
+from pmss_dist.parallel.mesh import REPLICATE, SHARD, ParallelDims
+from pmss_dist.plan.fake import fake_world
 
 GIB = 2**30
 
@@ -29,7 +30,9 @@ GIB = 2**30
 def test_shape_resolution(settings, world, local, model_gib, expected):
     parallel = ParallelConfig(**settings)
     # 80 GiB per rank, of which SHARD_MEMORY_FRACTION (half) may hold the frozen shard
-    assert resolve_dp_shape(parallel, world, local, model_gib * GIB, 80 * GIB) == expected
+    dims = ParallelDims.resolve(parallel, world, local, model_gib * GIB, 80 * GIB)
+    assert (dims.replicate, dims.shard, dims.world_size) == (*expected, world)
+    assert (dims.replicated, dims.sharded) == (expected[0] > 1, expected[1] > 1)
 
 
 @pytest.mark.parametrize("settings,needle", [
@@ -40,7 +43,43 @@ def test_shape_resolution(settings, world, local, model_gib, expected):
 def test_bad_shapes_name_the_numbers(settings, needle):
     world = 8 if "dp_replicate" in settings else 12
     with pytest.raises(ConfigError, match=needle):
-        resolve_dp_shape(ParallelConfig(**settings), world, 4, GIB, 80 * GIB)
+        ParallelDims.resolve(ParallelConfig(**settings), world, 4, GIB, 80 * GIB)
+
+
+@pytest.mark.parametrize("replicate,shard,world", [(2, 2, 8), (3, 1, 2), (1, 4, 2)])
+def test_dims_that_do_not_multiply_to_the_world_are_refused_in_one_line(replicate, shard, world):
+    with pytest.raises(ConfigError) as err:
+        ParallelDims(replicate, shard, world)
+    assert str(err.value) == (f"parallel.dp_replicate ({replicate}) x parallel.dp_shard ({shard}) = "
+                              f"{replicate * shard}, but the world size is {world}: make their product the "
+                              f"number of processes")
+
+
+def ranks(mesh) -> list:
+    return mesh.mesh.tolist()
+
+
+def test_meshes_are_named_and_cover_the_world():
+    with fake_world(8):  # rank 0 of 8, in this process
+        hsdp = ParallelDims(2, 4, 8).build_mesh("cpu")
+        assert hsdp.mesh_dim_names == (REPLICATE, SHARD) and ranks(hsdp) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        assert ranks(hsdp[SHARD]) == [0, 1, 2, 3] and ranks(hsdp[REPLICATE]) == [0, 4]
+        # one copy: FSDP over a 1-D mesh, no replicate dimension for HSDP to reduce over
+        fsdp = ParallelDims(1, 8, 8).build_mesh("cpu")
+        assert fsdp.mesh_dim_names == (SHARD,) and ranks(fsdp[SHARD]) == list(range(8))
+        # selection's and evaluation's flat view: every rank in one shard group
+        flat = ParallelDims.flat(8)
+        assert (flat.replicate, flat.shard, flat.world_size) == (1, 8, 8)
+        assert flat.build_mesh("cpu").mesh_dim_names == (SHARD,) and ranks(flat.build_mesh("cpu")) == list(range(8))
+
+
+def test_training_shards_nothing_on_a_replicated_frozen_base():
+    with fake_world(4):
+        replicated = ParallelDims(4, 1, 4)
+        assert replicated.training_mesh("cpu", full_finetune=False) is None
+        full = replicated.training_mesh("cpu", full_finetune=True)  # FSDP2 reduces the trained weights' grads
+        assert full.mesh_dim_names == (REPLICATE, SHARD) and full.shape == (4, 1)
+        assert ParallelDims(2, 2, 4).training_mesh("cpu", full_finetune=False).shape == (2, 2)
 
 
 # -- real processes ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pmss_dist.adapters.quantize import nf4_scaler_block
 from pmss_dist.cli.plan import main
 from pmss_dist.config import ConfigError, ParallelConfig, check_world_size, load_config
 from pmss_dist.models.builtin import TINY_CONFIG as TINY_MODEL
-from pmss_dist.parallel.mesh import resolve_dp_shape
+from pmss_dist.parallel.mesh import ParallelDims
 from pmss_dist.models.sliding_window import attention_windows
 from pmss_dist.plan.comms import Collective, step_volume
 from pmss_dist.plan.fake import fake_world, meta_model
@@ -43,7 +43,7 @@ def llama_parameters(c: dict) -> int:
 def test_the_candidate_meshes_are_those_the_trainer_accepts(world, gpus_per_node):
     def accepted(shard: int) -> bool:
         try:
-            resolve_dp_shape(ParallelConfig(dp_shard=shard), world, gpus_per_node, 1, 2**40)
+            ParallelDims.resolve(ParallelConfig(dp_shard=shard), world, gpus_per_node, 1, 2**40)
             return True
         except ConfigError:
             return False

@@ -31,6 +31,7 @@ from pmss_dist.eval.scoring import score_choices, score_generations, summarize
 from pmss_dist.files import OutputPathError, atomic_write, check_not_over_inputs, check_output_file
 from pmss_dist.console import print_main
 from pmss_dist.parallel.env import init_distributed, shutdown
+from pmss_dist.parallel.mesh import ParallelDims
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,8 +103,8 @@ def run(args: argparse.Namespace) -> dict | None:
         if bad.skipped:
             print_main(f"evaluate: {args.data}: {bad.summary()}")
         tokenizer = load_tokenizer(args.model)
-        model = load_eval_model(args.model, args.adapter, device=env.device, dtype=dtype,
-                                mesh=None if args.replicate else env.mesh)
+        mesh = None if args.replicate else ParallelDims.flat(env.world_size).build_mesh(env.device.type)
+        model = load_eval_model(args.model, args.adapter, device=env.device, dtype=dtype, mesh=mesh)
         if args.task == "choice":
             template = args.prompt_template or datasets.QA_TEMPLATE
             records = score_choices(model, tokenizer, rows, batch_size=args.batch_size, prompt_template=template)

@@ -28,6 +28,7 @@ from pmss_dist.console import launcher_rank, print_main
 from pmss_dist.files import OutputPathError, check_not_over_inputs, check_output_file
 from pmss_dist.hf.load import base_fingerprint, read_hf_config
 from pmss_dist.parallel.env import init_distributed, shutdown
+from pmss_dist.parallel.mesh import ParallelDims
 
 EXIT_USER_ERROR = 2
 
@@ -74,7 +75,8 @@ def select(args: argparse.Namespace) -> None:
     spec = AdapterSpec("pmss", tuple(args.targets), args.k, float(args.k))
     check_k(args.k, *_read_checkpoint(args.hf, smallest_target, hf_config, spec.targets))
     env = init_distributed()
-    model = _read_checkpoint(args.hf, build_model, hf_config, adapter=spec, mesh=env.mesh, device=env.device,
+    mesh = ParallelDims.flat(env.world_size).build_mesh(env.device.type)
+    model = _read_checkpoint(args.hf, build_model, hf_config, adapter=spec, mesh=mesh, device=env.device,
                              dtype=getattr(torch, args.dtype), weights=args.hf)
     try:
         selections = assign_skeletons(model, args.method, seed=args.seed, svd=args.svd, progress=env.is_main)

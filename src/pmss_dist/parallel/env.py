@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,6 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
 
     @property
     def is_main(self) -> bool:
@@ -60,8 +58,7 @@ def init_distributed() -> DistEnv:
     watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None)
-    mesh = init_device_mesh(device.type, (world_size,))
-    return DistEnv(rank, world_size, local_rank, device, mesh)
+    return DistEnv(rank, world_size, local_rank, device)
 
 
 # Set by torchrun in every worker it starts.

@@ -1,5 +1,5 @@
-"""The data-parallel device mesh: ``dp_replicate`` copies of the base, each sharded over ``dp_shard``
-ranks (torchtitan's names).
+"""The data-parallel layout: ``dp_replicate`` copies of the base, each sharded over ``dp_shard``
+ranks (torchtitan's names), and the device meshes it builds, their dimensions addressed by name.
 
 Within a node the frozen base is sharded (FSDP2 all-gathers ride the fast links); across nodes it is
 replicated (HSDP), so the only traffic between nodes is the reduction of what trains: the cores'
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -32,42 +33,72 @@ def local_world_size() -> int:
     return int(match.group()) if match else 1
 
 
-def resolve_dp_shape(parallel: ParallelConfig, world_size: int, local_world: int, model_bytes: int,
-                     rank_memory: int) -> tuple[int, int]:
-    """``(dp_replicate, dp_shard)`` for ``parallel``'s settings, or a ConfigError naming the numbers."""
-    shard = parallel.dp_shard
-    if shard == "auto":
-        if parallel.dp_replicate != "auto":
-            shard = _divide(world_size, parallel.dp_replicate, "parallel.dp_replicate")
-        else:
-            nodes = max(1, world_size // local_world)
-            whole = [n for n in range(1, nodes + 1) if nodes % n == 0]
-            fits = [n for n in whole if model_bytes / (n * local_world) <= SHARD_MEMORY_FRACTION * rank_memory]
-            shard = (fits[0] if fits else nodes) * min(local_world, world_size)
-    replicate = parallel.dp_replicate
-    if replicate == "auto":
-        replicate = _divide(world_size, shard, "parallel.dp_shard")
-    if replicate * shard != world_size:
-        raise ConfigError(f"parallel.dp_replicate ({replicate}) x parallel.dp_shard ({shard}) = {replicate * shard}, "
-                          f"but the world size is {world_size}: make their product the number of processes")
-    if shard % local_world and local_world % shard:
-        raise ConfigError(f"parallel.dp_shard={shard} neither divides a node ({local_world} processes per node) nor "
-                          f"spans whole nodes: a shard group must not straddle nodes")
-    return replicate, shard
+@dataclass(frozen=True)
+class ParallelDims:
+    """``replicate`` copies of the base x ``shard`` ranks per copy = ``world_size``, or a
+    ConfigError naming the numbers."""
+
+    replicate: int
+    shard: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if self.replicate * self.shard != self.world_size:
+            raise ConfigError(f"parallel.dp_replicate ({self.replicate}) x parallel.dp_shard ({self.shard}) = "
+                              f"{self.replicate * self.shard}, but the world size is {self.world_size}: make their "
+                              f"product the number of processes")
+
+    @classmethod
+    def resolve(cls, parallel: ParallelConfig, world_size: int, local_world: int, model_bytes: int,
+                rank_memory: int) -> ParallelDims:
+        """``parallel.dp_shard`` and ``parallel.dp_replicate`` on this world, their ``auto``s decided by
+        the node's size and whether ``model_bytes`` of base fit in ``rank_memory``."""
+        shard = parallel.dp_shard
+        if shard == "auto":
+            if parallel.dp_replicate != "auto":
+                shard = _divide(world_size, parallel.dp_replicate, "parallel.dp_replicate")
+            else:
+                nodes = max(1, world_size // local_world)
+                whole = [n for n in range(1, nodes + 1) if nodes % n == 0]
+                fits = [n for n in whole if model_bytes / (n * local_world) <= SHARD_MEMORY_FRACTION * rank_memory]
+                shard = (fits[0] if fits else nodes) * min(local_world, world_size)
+        replicate = parallel.dp_replicate
+        if replicate == "auto":
+            replicate = _divide(world_size, shard, "parallel.dp_shard")
+        dims = cls(replicate, shard, world_size)
+        if shard % local_world and local_world % shard:
+            raise ConfigError(f"parallel.dp_shard={shard} neither divides a node ({local_world} processes per node) "
+                              f"nor spans whole nodes: a shard group must not straddle nodes")
+        return dims
+
+    @classmethod
+    def flat(cls, world_size: int) -> ParallelDims:
+        """One copy sharded over every rank: the layout of selection and evaluation, which take no
+        ``parallel`` settings."""
+        return cls(1, world_size, world_size)
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard > 1
+
+    @property
+    def replicated(self) -> bool:
+        return self.replicate > 1
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """``(dp_replicate, dp_shard)``; with one copy just ``(dp_shard,)``, so that FSDP2 shards
+        without HSDP's replicate dimension. Callers address dimensions by name, never position."""
+        if not self.replicated:
+            return init_device_mesh(device_type, (self.shard,), mesh_dim_names=(SHARD,))
+        return init_device_mesh(device_type, (self.replicate, self.shard), mesh_dim_names=(REPLICATE, SHARD))
+
+    def training_mesh(self, device_type: str, *, full_finetune: bool) -> DeviceMesh | None:
+        """The mesh training hands FSDP2; ``None`` when nothing is sharded (``dp_shard == 1`` with a
+        frozen base). Full fine-tuning always gets one: FSDP2 reduces its trained weights' gradients."""
+        return self.build_mesh(device_type) if self.sharded or full_finetune else None
 
 
 def _divide(world_size: int, part: int, key: str) -> int:
     if world_size % part:
         raise ConfigError(f"{key}={part} does not divide the world size {world_size}")
     return world_size // part
-
-
-def data_parallel_mesh(device_type: str, replicate: int, shard: int, *, full_finetune: bool) -> DeviceMesh | None:
-    """The mesh FSDP2 shards over: 1-D ``(dp_shard,)`` on one copy, 2-D ``(dp_replicate, dp_shard)``
-    for HSDP; ``None`` when nothing is sharded (``dp_shard == 1`` with a frozen base). Full
-    fine-tuning always gets a mesh: its trained weights' gradients are reduced by FSDP2."""
-    if shard == 1 and not full_finetune:
-        return None
-    if replicate == 1:
-        return init_device_mesh(device_type, (shard,), mesh_dim_names=(SHARD,))
-    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=(REPLICATE, SHARD))

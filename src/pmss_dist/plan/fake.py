@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from pmss_dist.build import materialize, sharded_meta_model
-from pmss_dist.parallel.mesh import REPLICATE, SHARD, data_parallel_mesh
+from pmss_dist.parallel.mesh import REPLICATE, SHARD, ParallelDims
 
 # Fake tensors live on the CPU: the device type only picks kernels' meta functions; sizes are the same.
 FAKE_DEVICE = torch.device("cpu")
@@ -39,8 +39,9 @@ def fake_world(world_size: int):
 
 
 def fake_mesh(world_size: int, dp_shard: int, full_finetune: bool) -> DeviceMesh | None:
-    """The trainer's mesh for ``dp_shard`` (`parallel.mesh.data_parallel_mesh`), over the fake world."""
-    return data_parallel_mesh(FAKE_DEVICE.type, world_size // dp_shard, dp_shard, full_finetune=full_finetune)
+    """The trainer's mesh for ``dp_shard`` (`ParallelDims.training_mesh`), over the fake world."""
+    dims = ParallelDims(world_size // dp_shard, dp_shard, world_size)
+    return dims.training_mesh(FAKE_DEVICE.type, full_finetune=full_finetune)
 
 
 def mesh_groups(mesh: DeviceMesh | None) -> list[dist.ProcessGroup]:

@@ -46,7 +46,7 @@ from pmss_dist.errors import ConfigError
 from pmss_dist.eval.preference import preference_loss
 from pmss_dist.config import AC_MODES, ParallelConfig, TrainConfig, adapter_spec, check_world_size
 from pmss_dist.models.sliding_window import attention_windows
-from pmss_dist.parallel.mesh import REPLICATE, SHARD, resolve_dp_shape
+from pmss_dist.parallel.mesh import REPLICATE, SHARD, ParallelDims
 from pmss_dist.parallel.parallelize import resolve_reshard_after_forward
 from pmss_dist.plan.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, Collective, CommVolume, step_volume
 from pmss_dist.plan.fake import fake_mesh, fake_model, fake_world, mesh_groups, meta_model
@@ -131,7 +131,7 @@ class Plan:
 
 
 def valid_dp_shards(world_size: int, gpus_per_node: int) -> list[int]:
-    """The ``dp_shard`` values `parallel.mesh.resolve_dp_shape` accepts: divisors of the world
+    """The ``dp_shard`` values `ParallelDims.resolve` accepts: divisors of the world
     size that divide a node or span whole nodes."""
     return [s for s in range(1, world_size + 1)
             if world_size % s == 0 and (gpus_per_node % s == 0 or s % gpus_per_node == 0)]
@@ -219,7 +219,7 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
     say = progress or (lambda message: None)
     ctx = _Context(cfg, hf_config, cluster, grad_accum)
     total_bytes = parameter_bytes(hf_config, adapter=ctx.spec, dtype=ctx.dtype)
-    _, shard = resolve_dp_shape(cfg.parallel, world, g, total_bytes, cluster.memory_bytes)
+    shard = ParallelDims.resolve(cfg.parallel, world, g, total_bytes, cluster.memory_bytes).shard
     reshard = resolve_reshard_after_forward(cfg.parallel.reshard_after_forward, total_bytes, cluster.memory_bytes)
     config_setting = Setting(shard, None if shard == 1 and not ctx.full else reshard,
                              cfg.parallel.activation_checkpointing)

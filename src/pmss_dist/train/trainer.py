@@ -40,7 +40,7 @@ from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.console import print_main
 from pmss_dist.parallel.env import DistEnv, init_distributed, shutdown
 from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
-from pmss_dist.parallel.mesh import data_parallel_mesh, local_world_size, resolve_dp_shape
+from pmss_dist.parallel.mesh import ParallelDims, local_world_size
 from pmss_dist.parallel.parallelize import rank_memory_bytes
 from pmss_dist.checkpoints.record import step_name
 from pmss_dist.train import step as step_lib
@@ -269,11 +269,10 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     check_seq_len(cfg, hf_config)  # before the RoPE caches and batches of seq_len are made
     fingerprint = agreed_fingerprint(base_dir, env)
     spec, dtype = adapter_spec(cfg), getattr(torch, cfg.model.dtype)
-    replicate, shard = resolve_dp_shape(cfg.parallel, env.world_size, local_world_size(),
-                                        parameter_bytes(hf_config, adapter=spec, dtype=dtype),
-                                        rank_memory_bytes(env.device))
-    print_main(f"data-parallel mesh: dp_replicate={replicate} x dp_shard={shard}")
-    mesh = data_parallel_mesh(env.device.type, replicate, shard, full_finetune=spec.kind == FULL)
+    dims = ParallelDims.resolve(cfg.parallel, env.world_size, local_world_size(),
+                                parameter_bytes(hf_config, adapter=spec, dtype=dtype), rank_memory_bytes(env.device))
+    print_main(f"data-parallel mesh: dp_replicate={dims.replicate} x dp_shard={dims.shard}")
+    mesh = dims.training_mesh(env.device.type, full_finetune=spec.kind == FULL)
     model = build_model(hf_config, adapter=spec, mesh=mesh, device=env.device, dtype=dtype, parallel=cfg.parallel,
                         weights=base_dir, max_seq_len=cfg.data.seq_len, seed=cfg.seed)
 
