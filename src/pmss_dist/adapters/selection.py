@@ -240,7 +240,7 @@ def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerpr
     """Read a selection file, refusing one made for another base, method, k, seed or model, and
     any entry that is not k distinct in-range indices per side (`SelectionError`, naming the file
     and the layer). A file written before content fingerprints records the base's header
-    fingerprint (``hf.load.header_fingerprint``): it is accepted when it equals ``header_fingerprint``."""
+    fingerprint (``checkpoints.fingerprint.header_fingerprint``): it is accepted when it equals ``header_fingerprint``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"selection file {path} does not exist")

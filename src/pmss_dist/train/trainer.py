@@ -31,16 +31,17 @@ from pmss_dist.data.fingerprint import samples_fingerprint, tokenizer_fingerprin
 from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss
-from pmss_dist.files import begin_staged, publish_dir, publish_staged, staging_dir
+from pmss_dist.files import begin_staged, file_sha256, publish_dir, publish_staged, staging_dir
 from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
-from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
-                               original_weights, read_hf_config, weight_bytes, weight_file_names)
+from pmss_dist.hf.load import original_weights, read_hf_config
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.console import print_main
 from pmss_dist.parallel.env import DistEnv, init_distributed, shutdown
 from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
 from pmss_dist.parallel.mesh import data_parallel_mesh, local_world_size, resolve_dp_shape
 from pmss_dist.parallel.parallelize import rank_memory_bytes
+from pmss_dist.checkpoints.fingerprint import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint,
+                                               header_fingerprint, weight_bytes, weight_file_names)
 from pmss_dist.checkpoints.record import step_name
 from pmss_dist.train import step as step_lib
 from pmss_dist.train.checkpoint import DATA_KEY, EXAMPLES_KEY, TOKENIZER_KEY, CheckpointManager
@@ -112,7 +113,7 @@ def release_output_dir(cfg: TrainConfig, env: DistEnv) -> None:
 
 
 def agreed_fingerprint(base_dir: Path, env: DistEnv) -> str:
-    """The base's content fingerprint (`hf.load.base_fingerprint`), the same on every rank: from
+    """The base's content fingerprint (`checkpoints.fingerprint.base_fingerprint`), the same on every rank: from
     the cache when its files are unchanged, else each rank hashes every world_size-th weight file
     and rank 0 combines (and caches) them."""
     found = [cached_fingerprint(base_dir) if env.is_main else None]
