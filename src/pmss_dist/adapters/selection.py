@@ -4,9 +4,10 @@ A skeleton of W (d_out x d_in) is k rows I and k columns J; PMSS trains a k x k 
 W' = W + s * W[:, J] @ U @ W[I, :]. Every method here is deterministic given (weight, k, seed, name),
 so ranks that each compute a selection agree without talking to each other.
 
-All numerics are float64 on CPU whatever the weight's dtype or device: the choices are argmaxes
-over small differences, and doing them in one precision on one kind of device keeps the indices
-the same for the same weights everywhere.
+All numerics are float64 whatever the weight's dtype: the choices are argmaxes over small
+differences. The SVDs (and `norm`'s norms) run on the weights' device, the one heavy step; the
+index pickers, k small sequential steps each, run on CPU. The indices are the same for the same
+weights in every process on the same kind of device.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 import operator
 import zlib
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -46,31 +47,52 @@ def select_skeleton(weight: torch.Tensor, k: int, method: str = "deim", *, seed:
                     svd: str = "auto", name: str = "weight") -> Selection:
     """Return (rows, cols): int64 CPU tensors, each k distinct indices, sorted ascending.
     rows index dim 0 of weight (I, for R = W[I, :]), cols index dim 1 (J, for C = W[:, J])."""
-    if _is_dtensor(weight):
-        raise TypeError(f"{name}: select_skeleton takes a full tensor, got a DTensor; use "
-                        "pmss_dist.adapters.distributed_selection.select_skeletons for sharded weights")
-    check_selection_args(tuple(weight.shape), k, method, svd, name)
-    k = operator.index(k)
-    # .cpu() before the cast so a GPU weight is not first widened to float64 on the GPU.
-    w = weight.detach().cpu().to(torch.float64)
-    if not bool(torch.isfinite(w).all()):
-        bad = int((~torch.isfinite(w)).sum())
-        raise SelectionError(f"{name}: the base checkpoint holds non-finite values (NaN or Inf) in this weight "
-                             f"({bad} of {w.numel()}); it is damaged: convert or download it again")
+    return select_same_shape([weight], [name], k, method, seed=seed, svd=svd)[0]
 
+
+def select_same_shape(weights: Sequence[torch.Tensor], names: Sequence[str], k: int, method: str = "deim", *,
+                      seed: int = 0, svd: str = "auto") -> list[Selection]:
+    """`select_skeleton` of each of ``weights`` (named ``names``), matrices of one shape on one
+    device, their SVDs stacked into one batched call there: each gets the indices it gets alone."""
+    for w, name in zip(weights, names, strict=True):
+        if _is_dtensor(w):
+            raise TypeError(f"{name}: select_skeleton takes a full tensor, got a DTensor; use "
+                            "pmss_dist.adapters.distributed_selection.select_skeletons for sharded weights")
+        check_selection_args(tuple(w.shape), k, method, svd, name)
+        if w.shape != weights[0].shape:
+            raise ValueError(f"{name}: select_same_shape takes matrices of one shape, got {tuple(w.shape)} and "
+                             f"{tuple(weights[0].shape)}")
+    k = operator.index(k)
+    w = _float64_stack(weights, names)
     if method == "norm":
-        rows = _top_k(torch.linalg.vector_norm(w, dim=1), k)
-        cols = _top_k(torch.linalg.vector_norm(w, dim=0), k)
+        scores = [(torch.linalg.vector_norm(m, dim=1).cpu(), torch.linalg.vector_norm(m, dim=0).cpu()) for m in w]
+        picked = [(_top_k(rows, k), _top_k(cols, k)) for rows, cols in scores]
     elif method == "random":
-        gen = _generator(seed, name)
-        rows = torch.randperm(w.shape[0], generator=gen)[:k]
-        cols = torch.randperm(w.shape[1], generator=gen)[:k]
+        gens = [_generator(seed, name) for name in names]
+        picked = [(torch.randperm(w.shape[1], generator=g)[:k], torch.randperm(w.shape[2], generator=g)[:k])
+                  for g in gens]
     else:
-        u, v = top_singular_vectors(w, k, svd=svd, seed=seed, name=name)
+        u, v = top_singular_vectors(w, k, svd=svd, seed=seed, names=names)
+        u, v = u.cpu(), v.cpu()
         pick = PICKERS[method]
         with single_threaded():
-            rows, cols = pick(u), pick(v)
-    return torch.sort(rows.to(torch.int64)).values, torch.sort(cols.to(torch.int64)).values
+            picked = [(pick(u[i].contiguous()), pick(v[i].contiguous())) for i in range(len(names))]
+    return [(torch.sort(rows.to(torch.int64)).values, torch.sort(cols.to(torch.int64)).values)
+            for rows, cols in picked]
+
+
+def _float64_stack(weights: Sequence[torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """The weights as one float64 tensor (count x d_out x d_in) on their device, refusing
+    non-finite values by the weight's name."""
+    w = torch.empty((len(weights), *weights[0].shape), dtype=torch.float64, device=weights[0].device)
+    for i, weight in enumerate(weights):
+        w[i].copy_(weight.detach())
+    bad = (~torch.isfinite(w)).sum(dim=(1, 2)).tolist()
+    for name, count in zip(names, bad):
+        if count:
+            raise SelectionError(f"{name}: the base checkpoint holds non-finite values (NaN or Inf) in this weight "
+                                 f"({count} of {w[0].numel()}); it is damaged: convert or download it again")
+    return w
 
 
 def check_selection_args(shape: tuple[int, ...], k: int, method: str, svd: str, name: str) -> None:
@@ -93,31 +115,48 @@ def check_selection_args(shape: tuple[int, ...], k: int, method: str, svd: str, 
 # Singular vectors
 
 
+def resolved_svd(shape: tuple[int, int], k: int, svd: str) -> str:
+    """The SVD ``svd`` runs for a k-skeleton of a matrix of ``shape``: "exact" or "randomized"."""
+    if svd != "auto":
+        return svd
+    small = min(shape) <= AUTO_EXACT_MAX_DIM or k > AUTO_EXACT_MIN_K_FRACTION * min(shape)
+    return "exact" if small else "randomized"
+
+
 def top_singular_vectors(w: torch.Tensor, k: int, *, svd: str = "auto", seed: int = 0,
-                         name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading k left (d_out x k) and right (d_in x k) singular vectors of a float64 CPU matrix."""
-    if svd == "auto":
-        small = min(w.shape) <= AUTO_EXACT_MAX_DIM or k > AUTO_EXACT_MIN_K_FRACTION * min(w.shape)
-        svd = "exact" if small else "randomized"
+                         names: Sequence[str] = ("weight",)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading k left (count x d_out x k) and right (count x d_in x k) singular vectors of a stack
+    of float64 matrices (count x d_out x d_in), one name each (it seeds a randomized sketch)."""
+    svd = resolved_svd(tuple(w.shape[1:]), k, svd)
     if svd == "exact":
+        # One call for the stack: torch runs the same routine on each matrix of a batch as on one
+        # alone (LAPACK's gesdd on CPU; cuSOLVER's gesvdj, chosen by shape, on CUDA): the same bits.
         u, _, vh = torch.linalg.svd(w, full_matrices=False)
     elif svd == "randomized":
-        u, vh = _randomized_svd(w, k, _generator(seed, name))
+        gens = [_generator(seed, name) for name in names]
+        if w.device.type == "cpu":  # batched GEMMs and QRs loop over the matrices: the same bits
+            u, vh = _randomized_svd(w, k, gens)
+        else:
+            # A GPU's batched GEMM and QR kernels are not its one-matrix kernels and may round
+            # differently, so there each matrix is sketched alone.
+            parts = [_randomized_svd(w[i:i + 1], k, gens[i:i + 1]) for i in range(len(gens))]
+            u, vh = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     else:
-        raise ValueError(f"{name}: unknown svd mode {svd!r}; valid modes: {', '.join(SVD_MODES)}")
-    return u[:, :k].contiguous(), vh[:k].T.contiguous()
+        raise ValueError(f"{names[0]}: unknown svd mode {svd!r}; valid modes: {', '.join(SVD_MODES)}")
+    return u[..., :k], vh[..., :k, :].mT
 
 
-def _randomized_svd(w: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    width = min(k + max(10, k // 2), min(w.shape))
-    omega = torch.randn(w.shape[1], width, generator=gen, dtype=w.dtype)
+def _randomized_svd(w: torch.Tensor, k: int, gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = min(k + max(10, k // 2), min(w.shape[1:]))
+    # Drawn on CPU, one generator per matrix: the same sketch whatever the device and batch.
+    omega = torch.stack([torch.randn(w.shape[2], width, generator=g, dtype=w.dtype) for g in gens]).to(w.device)
     q = torch.linalg.qr(w @ omega).Q
     # Re-orthonormalising between the half steps keeps the small singular directions from being
     # rounded away (Halko et al., Alg. 4.4).
     for _ in range(POWER_ITERATIONS):
-        q = torch.linalg.qr(w.T @ q).Q
+        q = torch.linalg.qr(w.mT @ q).Q
         q = torch.linalg.qr(w @ q).Q
-    ub, _, vh = torch.linalg.svd(q.T @ w, full_matrices=False)
+    ub, _, vh = torch.linalg.svd(q.mT @ w, full_matrices=False)
     return q @ ub, vh
 
 
