@@ -27,6 +27,9 @@ from pmss_dist.files import atomic_write
 
 METHODS = ("deim", "qdeim", "leverage", "norm", "random")
 SVD_MODES = ("auto", "exact", "randomized")
+# Bump when a change here gives other indices for the same weights and request: selections cached
+# by an earlier version (checkpoints.selection_cache) are then not reused.
+INDICES_VERSION = 1
 
 # svd="auto" keeps the exact SVD where it is cheap or where a sketch would not save much.
 AUTO_EXACT_MAX_DIM = 1024
@@ -38,6 +41,8 @@ POWER_ITERATIONS = 2
 
 _FILE_FORMAT = "pmss_dist.selection"  # the file format's name (it predates the adapters package): never change it
 _FILE_VERSION = 1
+
+_HINT = "; delete it or point selection_file elsewhere"  # how a user fixes a file that is refused
 
 Selection = tuple[torch.Tensor, torch.Tensor]
 _INT64_LIMIT = 2**63  # indices are held as int64
@@ -109,6 +114,16 @@ def check_selection_args(shape: tuple[int, ...], k: int, method: str, svd: str, 
         raise ValueError(f"{name}: unknown selection method {method!r}; valid methods: {', '.join(METHODS)}")
     if svd not in SVD_MODES:
         raise ValueError(f"{name}: unknown svd mode {svd!r}; valid modes: {', '.join(SVD_MODES)}")
+
+
+def selection_inputs(shape: tuple[int, int], k: int, method: str, svd: str, seed: int) -> dict:
+    """What a matrix's indices depend on besides its values, its name and the device of its SVD:
+    ``svd`` resolved ("auto" is "exact" or "randomized"), and each of ``svd`` and ``seed`` None
+    where the method does not use it."""
+    svd = resolved_svd(shape, k, svd) if method in PICKERS else None
+    draws = method == "random" or svd == "randomized"
+    return {"shape": [int(d) for d in shape], "k": int(k), "method": method, "svd": svd,
+            "seed": int(seed) if draws else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +271,15 @@ def save_selection(path, selections: Mapping[str, Selection], *, method: str, k:
     """Write the selection as JSON, atomically (a reader never sees a half-written file).
     ``k`` is the skeleton size (one int, or per layer). ``shapes`` (layer -> weight shape) is
     stored so a later load can refuse another model."""
+    doc = selection_doc(selections, method=method, k=k, seed=seed, base_fingerprint=base_fingerprint, shapes=shapes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, separators=(",", ":"))))
+
+
+def selection_doc(selections: Mapping[str, Selection], *, method: str, k: int | dict, seed: int,
+                  base_fingerprint: str, shapes: Mapping[str, tuple[int, int]] | None = None) -> dict:
+    """The JSON object of a selection file (`save_selection`)."""
     layers = {}
     for name in sorted(selections):
         rows, cols = selections[name]
@@ -265,12 +289,9 @@ def save_selection(path, selections: Mapping[str, Selection], *, method: str, k:
                         "cols": [int(i) for i in torch.as_tensor(cols).tolist()]}
     # The file keeps k under the key "rank" (its name before k was called k), so that files
     # written before still load.
-    doc = {"format": _FILE_FORMAT, "version": _FILE_VERSION, "method": method,
-           "rank": _json_k(k), "seed": int(seed), "base_fingerprint": base_fingerprint,
-           "layers": layers}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, separators=(",", ":"))))
+    return {"format": _FILE_FORMAT, "version": _FILE_VERSION, "method": method,
+            "rank": _json_k(k), "seed": int(seed), "base_fingerprint": base_fingerprint,
+            "layers": layers}
 
 
 def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerprint: str,
@@ -279,17 +300,26 @@ def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerpr
     """Read a selection file, refusing one made for another base, method, k, seed or model, and
     any entry that is not k distinct in-range indices per side (`SelectionError`, naming the file
     and the layer). A file written before content fingerprints records the base's header
-    fingerprint (``checkpoints.fingerprint.header_fingerprint``): it is accepted when it equals ``header_fingerprint``."""
+    fingerprint (``checkpoints.fingerprint.header_fingerprint``): it is accepted when it equals
+    ``header_fingerprint``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"selection file {path} does not exist")
-    hint = "delete it or point selection_file elsewhere"
     try:
         doc = json.loads(path.read_text())
     except UnicodeDecodeError as e:
-        raise SelectionError(f"selection file {path} is not valid JSON ({e}); {hint}") from None
+        raise SelectionError(f"selection file {path} is not valid JSON ({e}){_HINT}") from None
     except JSON_ERRORS as e:
-        raise SelectionError(f"selection file {path} is not valid JSON ({json_problem(e)}); {hint}") from None
+        raise SelectionError(f"selection file {path} is not valid JSON ({json_problem(e)}){_HINT}") from None
+    return selection_from_doc(doc, path, method=method, k=k, seed=seed, base_fingerprint=base_fingerprint,
+                              shapes=shapes, header_fingerprint=header_fingerprint)
+
+
+def selection_from_doc(doc, path, *, method: str, k: int | dict, seed: int, base_fingerprint: str,
+                       shapes: Mapping[str, tuple[int, int]] | None = None, header_fingerprint: str | None = None,
+                       hint: str = _HINT) -> dict[str, Selection]:
+    """`load_selection` of a file already parsed: ``doc`` is its JSON, ``path`` names it in the
+    errors, ``hint`` ends those that a user can fix."""
     if not isinstance(doc, dict) or doc.get("format") != _FILE_FORMAT:
         raise SelectionError(f"{path} is not a pmss_dist selection file")
     if doc.get("version") != _FILE_VERSION:
@@ -303,7 +333,7 @@ def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerpr
     for what, (key, want) in expected.items():
         if doc.get(key) != want:
             raise SelectionError(f"selection file {path} was made for {what} {quote(doc.get(key))}, "
-                                 f"this run's {what} is {want!r}; {hint}")
+                                 f"this run's {what} is {want!r}{hint}")
 
     layers = doc.get("layers")
     if not isinstance(layers, dict):
@@ -313,21 +343,21 @@ def load_selection(path, *, method: str, k: int | dict, seed: int, base_fingerpr
         extra = sorted(set(layers) - set(shapes))
         if missing or extra:
             raise SelectionError(f"selection file {path} covers other layers than this model: missing "
-                                 f"{_few(missing)}, not in the model {_few(extra)}; {hint}")
+                                 f"{_few(missing)}, not in the model {_few(extra)}{hint}")
 
     out = {}
     for name, entry in layers.items():
         where = f"selection file {path}: {cut(name)}"
         if not isinstance(entry, dict):
-            raise SelectionError(f"{where} must be an object with rows and cols, got {quote(entry)}; {hint}")
+            raise SelectionError(f"{where} must be an object with rows and cols, got {quote(entry)}{hint}")
         stored = _shape(where, entry.get("shape"))
         want = tuple(shapes[name]) if shapes is not None else None
         if want is not None and stored is not None and stored != want:
             raise SelectionError(f"selection file {path} was made for {cut(name)} of shape {stored}, this "
-                                 f"model's is {want}; {hint}")
+                                 f"model's is {want}{hint}")
         size = _json_k(k).get(name) if isinstance(k, Mapping) else k
         if size is None:
-            raise SelectionError(f"{where}: this run gives no k for the layer; {hint}")
+            raise SelectionError(f"{where}: this run gives no k for the layer{hint}")
         rows, cols = entry.get("rows"), entry.get("cols")
         for label, idx, dim in (("rows", rows, 0), ("cols", cols, 1)):
             _check_indices(f"{where}.{label}", idx, size, (want or stored or (None, None))[dim])

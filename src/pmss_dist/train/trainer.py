@@ -43,6 +43,7 @@ from pmss_dist.parallel.parallelize import rank_memory_bytes
 from pmss_dist.checkpoints.fingerprint import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint,
                                                header_fingerprint, weight_bytes, weight_file_names)
 from pmss_dist.checkpoints.record import step_name
+from pmss_dist.checkpoints.selection_cache import SelectionCache
 from pmss_dist.train import step as step_lib
 from pmss_dist.train.checkpoint import DATA_KEY, EXAMPLES_KEY, TOKENIZER_KEY, CheckpointManager
 from pmss_dist.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
@@ -227,13 +228,16 @@ def train(cfg: TrainConfig) -> dict:
 
 def _select_or_load_skeletons(run: Run) -> None:
     """Skeleton indices come from ``adapter.selection_file`` when it exists (refused if made for
-    another base or config), else are computed; either way they are written to the run's
+    another base or config), else from the user cache when an earlier run on this base cached them
+    (`SelectionCache`), else are computed and cached; either way they are written to the run's
     ``selection.json`` (and to ``adapter.selection_file`` when it names a file not there yet)."""
     cfg, env = run.cfg, run.env
     layers = {n: m for n, m in adapter_layers(run.model).items() if isinstance(m, PMSSLinear)}
     key = dict(method=cfg.adapter.method, k=cfg.adapter.rank, seed=cfg.seed, base_fingerprint=run.fingerprint)
     given = Path(cfg.adapter.selection_file) if cfg.adapter.selection_file else None
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    # model.quantize is not in the key: a quantized base is selected on its original weights.
+    cache = SelectionCache(dtype=cfg.model.dtype, device=env.device.type, svd=cfg.adapter.svd, shapes=shapes, **key)
     selections = None
     if given is not None and given.is_file():
         try:
@@ -242,6 +246,13 @@ def _select_or_load_skeletons(run: Run) -> None:
         except ValueError as err:  # made for another base or config, or not a selection file
             raise ConfigError(f"adapter.selection_file: {err}") from None
         print_main(f"reusing skeleton selection from {given}")
+    else:
+        found = [cache.load() if env.is_main else None]  # the cache of rank 0's machine
+        dist.broadcast_object_list(found, src=0)
+        selections = found[0]
+        if selections is not None:
+            print_main(f"reusing skeleton selection from the cache: {cache.path}")
+    selected = selections is None
     # A quantized base is selected on its original weights, read again from the base's files.
     original = original_weights(run.model, run.base_dir, run.hf_config) if cfg.model.quantize != "none" else None
     selections = assign_skeletons(run.model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
@@ -250,6 +261,8 @@ def _select_or_load_skeletons(run: Run) -> None:
         save_selection(run.run_dir.selection, selections, shapes=shapes, **key)
         if given is not None and not given.is_file():
             save_selection(given, selections, shapes=shapes, **key)
+        if selected:
+            cache.store(selections)
     dist.barrier()
 
 
