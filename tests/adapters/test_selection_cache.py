@@ -39,7 +39,8 @@ def entries(cache: Path) -> list[Path]:
 def rehash(doc: dict) -> dict:
     """``doc`` with the SHA-256 the cache stores: of its JSON, keys sorted, without that field."""
     rest = {key: value for key, value in doc.items() if key != "sha256"}
-    return {**rest, "sha256": hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+    return {**rest, "sha256": hashlib.sha256(canonical).hexdigest()}
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:

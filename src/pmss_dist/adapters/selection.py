@@ -1,4 +1,4 @@
-"""PMSS skeleton selection for one weight matrix, and the selection file.
+"""PMSS skeleton selection for one weight matrix (or a stack of equal shapes), and the selection file.
 
 A skeleton of W (d_out x d_in) is k rows I and k columns J; PMSS trains a k x k core U in
 W' = W + s * W[:, J] @ U @ W[I, :]. Every method here is deterministic given (weight, k, seed, name),

@@ -114,9 +114,9 @@ def release_output_dir(cfg: TrainConfig, env: DistEnv) -> None:
 
 
 def agreed_fingerprint(base_dir: Path, env: DistEnv) -> str:
-    """The base's content fingerprint (`checkpoints.fingerprint.base_fingerprint`), the same on every rank: from
-    the cache when its files are unchanged, else each rank hashes every world_size-th weight file
-    and rank 0 combines (and caches) them."""
+    """The base's content fingerprint (`checkpoints.fingerprint.base_fingerprint`), the same on
+    every rank: from the cache when its files are unchanged, else each rank hashes every
+    world_size-th weight file and rank 0 combines (and caches) them."""
     found = [cached_fingerprint(base_dir) if env.is_main else None]
     dist.broadcast_object_list(found, src=0)
     if found[0]:
