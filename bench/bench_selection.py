@@ -64,7 +64,7 @@ def bench_single(shapes: list[tuple[int, int]], k: int, svd_modes: list[str], me
             if not any(m in PICKERS for m in methods):
                 break
             t0 = time.perf_counter()
-            u, v = top_singular_vectors(w64, k, svd=mode, name="bench")
+            u, v = (m[0].contiguous() for m in top_singular_vectors(w64[None], k, svd=mode, names=["bench"]))
             t_svd = time.perf_counter() - t0
             for method in (m for m in methods if m in PICKERS):
                 t0 = time.perf_counter()

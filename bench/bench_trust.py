@@ -33,7 +33,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from pmss_dist.build import build_model
-from pmss_dist.hf.load import base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint, read_hf_config
+from pmss_dist.checkpoints.fingerprint import base_fingerprint, cached_fingerprint, header_fingerprint
+from pmss_dist.files import file_sha256
+from pmss_dist.hf.load import read_hf_config
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.checkpoints.record import verify
 from pmss_dist.checkpoints.storage import HashingWriter

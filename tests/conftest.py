@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,13 @@ FAST = ["max_steps=8", "log.log_every=4", "data.num_samples=256", "data.batch_si
 FULL = [*FAST, "adapter.kind=full", "optim.lr=1e-3", "checkpoint.every_steps=4"]
 
 
+# The user cache (fingerprints, skeleton selections): the tests never touch ~/.cache/pmss_dist, and
+# every job gets an empty one of its own unless a test passes PMSS_CACHE_DIR, so that no run reuses
+# what another test's run cached.
+CACHE_ROOT = Path(tempfile.mkdtemp(prefix="pmss-test-cache-"))
+os.environ["PMSS_CACHE_DIR"] = str(CACHE_ROOT / "session")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +46,8 @@ def torchrun_cmd(nproc: int, *target) -> list[str]:
 
 
 def job_env(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PMSS_CACHE_DIR": tempfile.mkdtemp(dir=CACHE_ROOT), **extra}
 
 
 def job_cmd(nproc: int, overrides: list[str], script: Path = TRAIN) -> list[str]:
@@ -110,6 +119,7 @@ class ForkServer:
 def pytest_sessionfinish(session, exitstatus):
     if ForkServer.running is not None:
         ForkServer.running.stop()
+    shutil.rmtree(CACHE_ROOT, ignore_errors=True)
 
 
 def run_direct(overrides: list[str], timeout: float = 300, config: Path = TINY_CONFIG, check: bool = False,

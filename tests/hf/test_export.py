@@ -19,7 +19,7 @@ from pmss_dist.adapters.io import save_adapter
 from pmss_dist.adapters.layers import (AdapterSpec, PMSSLinear, adapter_layers, apply_adapters, merge_adapters,
                                 reset_adapters)
 from pmss_dist.models.builtin import write_tiny_checkpoint
-from pmss_dist.hf.load import base_fingerprint
+from pmss_dist.checkpoints.fingerprint import base_fingerprint
 from pmss_dist.config import TrainConfig, to_dict
 from pmss_dist.hf.load import weight_files
 from pmss_dist.files import OutputPathError

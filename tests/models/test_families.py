@@ -36,7 +36,8 @@ from pmss_dist.adapters.io import save_adapter  # noqa: E402
 from pmss_dist.adapters.layers import AdapterSpec, apply_adapters, assign_skeletons, reset_adapters  # noqa: E402
 from pmss_dist.eval.model import load_eval_model  # noqa: E402
 from pmss_dist.hf.export import EXPORT_RECORD, ORIGINAL_WEIGHTS, export_merged  # noqa: E402
-from pmss_dist.hf.load import base_fingerprint, read_hf_config  # noqa: E402
+from pmss_dist.checkpoints.fingerprint import base_fingerprint  # noqa: E402
+from pmss_dist.hf.load import read_hf_config  # noqa: E402
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE  # noqa: E402
 
 FAMILY_CASES = list(FAMILIES)

@@ -31,7 +31,8 @@ from test_load import TINY, make_hf_checkpoint, our_model, tokens  # noqa: E402
 
 from pmss_dist.adapters.io import save_adapter  # noqa: E402
 from pmss_dist.hf.export import export_merged, export_peft  # noqa: E402
-from pmss_dist.hf.load import base_fingerprint, read_hf_config  # noqa: E402
+from pmss_dist.checkpoints.fingerprint import base_fingerprint  # noqa: E402
+from pmss_dist.hf.load import read_hf_config  # noqa: E402
 from pmss_dist.models import build_decoder  # noqa: E402
 
 QKV = {"q_proj": (0, 32), "k_proj": (32, 48), "v_proj": (48, 64)}

@@ -226,11 +226,11 @@ def ext_run(bases, tmp_path_factory) -> Path:
 
 
 def test_4_the_base_fingerprint_covers_the_weights(bases, tmp_path, monkeypatch):
-    from pmss_dist.hf import load
-    from pmss_dist.hf.load import base_fingerprint, cached_fingerprint, header_fingerprint
+    from pmss_dist.checkpoints import fingerprint
+    from pmss_dist.checkpoints.fingerprint import base_fingerprint, cached_fingerprint, header_fingerprint
 
     monkeypatch.setenv("PMSS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(load, "CACHE_MIN_BYTES", 0)  # cache even the tiny base
+    monkeypatch.setattr(fingerprint, "CACHE_MIN_BYTES", 0)  # cache even the tiny base
     a, b = bases
     assert header_fingerprint(a) == header_fingerprint(b)  # what was compared before: equal
     assert base_fingerprint(a) != base_fingerprint(b)

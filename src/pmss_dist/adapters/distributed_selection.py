@@ -7,6 +7,9 @@ it exactly as a single process would, and frees it. A round lasts as long as its
 dealing by size puts layers of equal cost in the same round. At the end the indices
 are exchanged so every rank has all of them. The indices therefore do not depend on the world size,
 and no rank holds more than one full matrix at a time beyond its own shards.
+
+One process (or a world of one) selects the layers of one shape in stacks, one batched SVD each
+(``select_same_shape``), which gives every matrix the indices it gets alone.
 """
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ import torch
 import torch.distributed as dist
 
 from pmss_dist.adapters.selection import (Selection, SelectionError, _is_dtensor, check_selection_args,
-                                          select_skeleton)
+                                          select_same_shape, select_skeleton)
 
 PROGRESS_EVERY_S = 10.0
+# One process selects the layers of one shape with one batched SVD per stack of this many bytes
+# of float64 matrices: its SVD and workspace then take a few times that beside the model.
+STACK_BYTES = 256 << 20
 
 
 def select_skeletons(weights: Mapping[str, torch.Tensor], ks: Mapping[str, int], method: str = "deim", *,
@@ -46,21 +52,39 @@ def select_skeletons(weights: Mapping[str, torch.Tensor], ks: Mapping[str, int],
         check_selection_args(tuple(weights[n].shape), ks[n], method, svd, n)
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
-        return _select_local(original, ks, names, method, seed, svd, progress)
+        return _select_local(weights, original, ks, names, method, seed, svd, progress)
     return _select_distributed(weights, original, ks, names, method, seed, svd, process_group, progress)
 
 
-def _select_local(original, ks, names, method, seed, svd, progress) -> dict[str, Selection]:
+def _select_local(weights, original, ks, names, method, seed, svd, progress) -> dict[str, Selection]:
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     meter = _Progress(len(names), enabled=progress and main)
     out = {}
-    for i, n in enumerate(names):
-        w = original(n)
-        if _is_dtensor(w):  # a world of one: the shard is the whole tensor
-            w = w.full_tensor()
-        out[n] = select_skeleton(w, ks[n], method, seed=seed, svd=svd, name=n)
-        meter.update(i + 1)
+    for group in _stacks(weights, ks, names):
+        # A world of one: a shard is the whole tensor. The SVDs run where the model's weights are
+        # (a quantized base's original weights are read into host memory).
+        full = [_whole(original(n)).to(weights[n].device) for n in group]
+        out.update(zip(group, select_same_shape(full, group, ks[group[0]], method, seed=seed, svd=svd)))
+        del full
+        meter.update(len(out))
     return out
+
+
+def _whole(w: torch.Tensor) -> torch.Tensor:
+    return w.full_tensor() if _is_dtensor(w) else w
+
+
+def _stacks(weights, ks, names) -> list[list[str]]:
+    """The layers in groups of one shape and k, name order, of at most `STACK_BYTES` in float64
+    (or one layer): one batched SVD each."""
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        groups.setdefault((tuple(weights[n].shape), ks[n]), []).append(n)
+    stacks = []
+    for (shape, _), group in groups.items():
+        size = max(1, STACK_BYTES // (8 * shape[0] * shape[1]))
+        stacks += [group[i:i + size] for i in range(0, len(group), size)]
+    return stacks
 
 
 def _select_distributed(weights, original, ks, names, method, seed, svd, process_group,

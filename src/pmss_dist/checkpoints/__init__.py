@@ -1,2 +1,3 @@
 """Checkpoint files, below both ``hf`` and ``train``: `storage` (DCP files hashed as written, read
-without running code) and `record` (layout, manifest, record, verification, adapter extraction)."""
+without running code), `record` (layout, manifest, record, verification, adapter extraction) and
+`fingerprint` (the base's content identity that they all record)."""

@@ -23,10 +23,11 @@ import torch.distributed as dist
 from pmss_dist.adapters.layers import TARGET_ALIASES, AdapterSpec, adapter_layers, assign_skeletons
 from pmss_dist.adapters.selection import SelectionError, save_selection
 from pmss_dist.build import build_model, sharded_meta_model
+from pmss_dist.checkpoints.fingerprint import base_fingerprint
 from pmss_dist.config import SELECTION_METHODS, SVD_MODES
 from pmss_dist.console import launcher_rank, print_main
 from pmss_dist.files import OutputPathError, check_not_over_inputs, check_output_file
-from pmss_dist.hf.load import base_fingerprint, read_hf_config
+from pmss_dist.hf.load import read_hf_config
 from pmss_dist.parallel.env import init_distributed, shutdown
 from pmss_dist.parallel.mesh import ParallelDims
 

@@ -10,7 +10,8 @@ import torch
 from pmss_dist.adapters.io import load_adapter_state, read_adapter
 from pmss_dist.adapters.layers import AdapterSpec
 from pmss_dist.build import build_model
-from pmss_dist.hf.load import check_base_fingerprint, read_hf_config
+from pmss_dist.checkpoints.fingerprint import check_base_fingerprint
+from pmss_dist.hf.load import read_hf_config
 
 
 def load_eval_model(model_dir: str | Path, adapter_dir: str | Path | None, *, device: torch.device,

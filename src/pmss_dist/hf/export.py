@@ -44,11 +44,11 @@ from pmss_dist.adapters.quantize import as_stored
 from pmss_dist.files import atomic_write, check_not_over_inputs, publish_dir
 from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row_permutations, to_hf_rows,
                                tune_key_to_hf, tune_shapes)
-from pmss_dist.hf.load import (check_base_fingerprint, copy_side_files, open_safetensors,
-                               read_hf_config, read_safetensors_header, weight_files)
+from pmss_dist.hf.load import copy_side_files, open_safetensors, read_hf_config, weight_files
 from pmss_dist.models import tied_embeddings
 from pmss_dist.console import print_main
 from pmss_dist.checkpoints import storage
+from pmss_dist.checkpoints.fingerprint import check_base_fingerprint, read_safetensors_header
 from pmss_dist.checkpoints.record import CheckpointError, read_record
 
 PEFT_CONFIG = "adapter_config.json"

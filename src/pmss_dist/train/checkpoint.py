@@ -38,12 +38,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.checkpoint.stateful import Stateful
 
 from pmss_dist.checkpoints import storage
+from pmss_dist.checkpoints.fingerprint import comparable_fingerprint
 from pmss_dist.checkpoints.record import (LATEST, MANIFEST, PARTIAL_SUFFIX, CheckpointError, CheckpointRecord, first_line,
                                           prunable, published_checkpoints, read_index, read_manifest, step_name, step_of,
                                           unverified, valid_checkpoints, verify, write_index)
 from pmss_dist.config import IDENTITY_DEFAULTS, RUN_IDENTITY_KEYS, CheckpointConfig, flat_config, run_identity
 from pmss_dist.files import atomic_write, file_sha256, remove_path
-from pmss_dist.hf.load import comparable_fingerprint
 from pmss_dist.console import print_main
 
 # Identity entries that are not config keys: the base's fingerprint is CheckpointRecord's own

@@ -32,17 +32,19 @@ from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss
 from pmss_dist.eval.preference import PREFERENCE_STATS, PreferenceLoss, evaluate_preference, preference_loss
-from pmss_dist.files import begin_staged, publish_dir, publish_staged, staging_dir
+from pmss_dist.files import begin_staged, file_sha256, publish_dir, publish_staged, staging_dir
 from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
-from pmss_dist.hf.load import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint, file_sha256, header_fingerprint,
-                               original_weights, read_hf_config, weight_bytes, weight_file_names)
+from pmss_dist.hf.load import original_weights, read_hf_config
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.console import print_main
 from pmss_dist.parallel.env import DistEnv, init_distributed, shutdown
 from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
 from pmss_dist.parallel.mesh import ParallelDims, local_world_size
 from pmss_dist.parallel.parallelize import rank_memory_bytes
+from pmss_dist.checkpoints.fingerprint import (CACHE_MIN_BYTES, base_fingerprint, cached_fingerprint,
+                                               header_fingerprint, weight_bytes, weight_file_names)
 from pmss_dist.checkpoints.record import step_name
+from pmss_dist.checkpoints.selection_cache import SelectionCache
 from pmss_dist.train import step as step_lib
 from pmss_dist.train.checkpoint import DATA_KEY, EXAMPLES_KEY, TOKENIZER_KEY, CheckpointManager
 from pmss_dist.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gib
@@ -113,9 +115,9 @@ def release_output_dir(cfg: TrainConfig, env: DistEnv) -> None:
 
 
 def agreed_fingerprint(base_dir: Path, env: DistEnv) -> str:
-    """The base's content fingerprint (`hf.load.base_fingerprint`), the same on every rank: from
-    the cache when its files are unchanged, else each rank hashes every world_size-th weight file
-    and rank 0 combines (and caches) them."""
+    """The base's content fingerprint (`checkpoints.fingerprint.base_fingerprint`), the same on
+    every rank: from the cache when its files are unchanged, else each rank hashes every
+    world_size-th weight file and rank 0 combines (and caches) them."""
     found = [cached_fingerprint(base_dir) if env.is_main else None]
     dist.broadcast_object_list(found, src=0)
     if found[0]:
@@ -229,13 +231,16 @@ def train(cfg: TrainConfig) -> dict:
 
 def _select_or_load_skeletons(run: Run) -> None:
     """Skeleton indices come from ``adapter.selection_file`` when it exists (refused if made for
-    another base or config), else are computed; either way they are written to the run's
+    another base or config), else from the user cache when an earlier run on this base cached them
+    (`SelectionCache`), else are computed and cached; either way they are written to the run's
     ``selection.json`` (and to ``adapter.selection_file`` when it names a file not there yet)."""
     cfg, env = run.cfg, run.env
     layers = {n: m for n, m in adapter_layers(run.model).items() if isinstance(m, PMSSLinear)}
     key = dict(method=cfg.adapter.method, k=cfg.adapter.rank, seed=cfg.seed, base_fingerprint=run.fingerprint)
     given = Path(cfg.adapter.selection_file) if cfg.adapter.selection_file else None
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    # model.quantize is not in the key: a quantized base is selected on its original weights.
+    cache = SelectionCache(dtype=cfg.model.dtype, device=env.device.type, svd=cfg.adapter.svd, shapes=shapes, **key)
     selections = None
     if given is not None and given.is_file():
         try:
@@ -244,6 +249,13 @@ def _select_or_load_skeletons(run: Run) -> None:
         except ValueError as err:  # made for another base or config, or not a selection file
             raise ConfigError(f"adapter.selection_file: {err}") from None
         print_main(f"reusing skeleton selection from {given}")
+    else:
+        found = [cache.load() if env.is_main else None]  # the cache of rank 0's machine
+        dist.broadcast_object_list(found, src=0)
+        selections = found[0]
+        if selections is not None:
+            print_main(f"reusing skeleton selection from the cache: {cache.path}")
+    selected = selections is None
     # A quantized base is selected on its original weights, read again from the base's files.
     original = original_weights(run.model, run.base_dir, run.hf_config) if cfg.model.quantize != "none" else None
     selections = assign_skeletons(run.model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
@@ -252,6 +264,8 @@ def _select_or_load_skeletons(run: Run) -> None:
         save_selection(run.run_dir.selection, selections, shapes=shapes, **key)
         if given is not None and not given.is_file():
             save_selection(given, selections, shapes=shapes, **key)
+        if selected:
+            cache.store(selections)
     dist.barrier()
 
 
