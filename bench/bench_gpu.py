@@ -183,6 +183,7 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     from pmss_dist.adapters.layers import AdapterSpec, assign_skeletons, count_parameters
     from pmss_dist.build import build_model
     from pmss_dist.config import ParallelConfig
+    from pmss_dist.models import model_spec
     from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
     from pmss_dist.train import step as step_lib
     from pmss_dist.train.metrics import flops_per_token
@@ -197,7 +198,7 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
               "planner_prediction_gib": None, "planner_note": PLANNER_NOTE}
     t0 = time.perf_counter()
     parallel = ParallelConfig(compile=compile, activation_checkpointing=ac, reshard_after_forward="auto")
-    model = build_model(config, adapter=spec, mesh=env.mesh, device=env.device, dtype=torch.bfloat16,
+    model = build_model(model_spec(config), adapter=spec, mesh=env.mesh, device=env.device, dtype=torch.bfloat16,
                         parallel=parallel, max_seq_len=seq)
     random_init(model, seed=0)
     if method == "pmss":
@@ -209,7 +210,7 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
     counts = count_parameters(model)
     record.update(trainable_params=counts["trainable"], total_params=counts["total"],
-                  flops_per_token=flops_per_token(model, config, seq), build_s=time.perf_counter() - t0)
+                  flops_per_token=flops_per_token(model, model_spec(config), seq), build_s=time.perf_counter() - t0)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config["vocab_size"], (batch, seq + 1), generator=gen)
     data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pmss_dist.adapters.layers import adapter_layers
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.parallel.grads import replicated_parameters
 
 # Dense bf16 peak FLOP/s per device, for MFU. Devices not listed (CPUs included) report no MFU.
@@ -30,7 +31,7 @@ def peft_flops_per_token(frozen_matmul_params: int, adapter_flops_per_token: int
     return 4 * frozen_matmul_params + 3 * adapter_flops_per_token + 12 * num_layers * seq_len * dim
 
 
-def flops_per_token(model, hf_config: dict, seq_len: int) -> float:
+def flops_per_token(model, model_spec: ModelSpec, seq_len: int) -> float:
     """`peft_flops_per_token` of ``model`` as built (adapters swapped in, sharded or not): frozen
     matmul weights at 4N, trained ones (full fine-tuning) and adapter work at 6N."""
     frozen = adapter = 0
@@ -44,7 +45,7 @@ def flops_per_token(model, hf_config: dict, seq_len: int) -> float:
             frozen += p.numel()
     for layer in adapter_layers(model).values():
         adapter += 2 * layer.flops_per_token()
-    return peft_flops_per_token(frozen, adapter, hf_config["num_hidden_layers"], hf_config["hidden_size"], seq_len)
+    return peft_flops_per_token(frozen, adapter, model_spec.num_layers, model_spec.dim, seq_len)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
