@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directory -> GGUF file, written as llama.cpp's ``convert_hf_to_gguf.py``
 writes one, so that llama.cpp (and Ollama, LM Studio, ...) run it.
 
-The inverse of `to_hf`, from the same per-architecture tables (`to_hf.ARCHITECTURES`): tensor
+The inverse of `to_hf`, from the same per-architecture tables (`to_hf.ARCHITECTURES`, found by the
+family's ``GGUF_ARCH``: Mistral is written as llama, as llama.cpp's converter writes it): tensor
 names, q/k rows permuted to GGML's interleaved RoPE layout (llama), Gemma's norms stored as
 ``1 + w``, RoPE scaling as llama.cpp stores it (linear in metadata, Llama 3.1's as a ``rope_freqs``
 tensor, LongRoPE as ``rope_factors_long/short``), and the tokenizer from ``tokenizer.json``
@@ -26,15 +27,13 @@ import numpy as np
 import torch
 
 from pmss_dist.files import atomic_write, check_not_over_inputs
-from pmss_dist.gguf.to_hf import (ARCHITECTURES, BLOCK_LAYOUT, COMMON_FIELDS, GLOBAL_TENSORS, PRE_TOKENIZERS, REQUIRED, Architecture,
+from pmss_dist.gguf.to_hf import (ARCHITECTURES, BLOCK_LAYOUT, COMMON_FIELDS, PRE_TOKENIZERS, REQUIRED, Architecture,
                                   _DIGITS, _llama_cpp_rope_freqs)
 from pmss_dist.hf.load import open_safetensors, read_model_spec, weight_files
 from pmss_dist.models.spec import LinearScaling, Llama3Scaling, LongRoPEScaling, ModelSpec
 
 # --type -> (GGML type of 2-D weights, llama.cpp's general.file_type). 1-D tensors are F32 always.
 OUT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
-# HF classes llama.cpp's converter writes as another architecture.
-_WRITTEN_AS = {"MistralForCausalLM": "llama"}
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 Progress = Callable[[str], None]
@@ -57,12 +56,6 @@ class _Metadata:
     def write_to(self, writer) -> None:
         for method, args in self.calls:
             getattr(writer, method)(*args)
-
-
-def architecture_of(spec: ModelSpec) -> Architecture:
-    hf_class = spec.family.ARCHITECTURE
-    return ARCHITECTURES[_WRITTEN_AS.get(hf_class) or next(a.name for a in ARCHITECTURES.values()
-                                                            if a.hf_class == hf_class)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +306,7 @@ def write_tokenizer_metadata(writer, arch: Architecture, hf_dir: Path, spec: Mod
 def gguf_tensor_name(arch: Architecture, hf_name: str) -> str | None:
     """The GGUF name of an HF tensor; None for a tied head, which llama.cpp does not store."""
     module, _, suffix = hf_name.rpartition(".")
-    for gguf_leaf, hf_module in GLOBAL_TENSORS.items():
+    for gguf_leaf, hf_module in arch.global_tensors.items():
         if module == hf_module:
             return None if gguf_leaf == "output" and arch.tied_only else f"{gguf_leaf}.{suffix}"
     parts = module.split(".", 3)
@@ -380,7 +373,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, out_path: str | Path, *, out_type: st
         raise GGUFExportError(f"GGUF type {out_type!r} is not one of {', '.join(OUT_TYPES)}")
     check_not_over_inputs(out_path, {"the checkpoint": hf_dir}, "the GGUF file")
     spec = read_model_spec(hf_dir)
-    arch = architecture_of(spec)
+    arch = ARCHITECTURES[spec.family.GGUF_ARCH]
     notes = check_expressible(arch, spec)
     files = weight_files(hf_dir)
     plan = []  # (hf name, gguf name, shape, GGML type)

@@ -2,9 +2,11 @@
 
 torchtune owns the architectures (Qwen3, which it lacks, is composed from its modules); a family
 module (``llama``, ``mistral``, ``qwen2``, ``gemma``, ``phi3``, ...) says everything pmss_dist must
-know of one HF class:
+know of one HF class, for the build, HF import and export and the GGUF converters alike:
 
-- ``ARCHITECTURE``: the HF class name in ``config.json``'s ``architectures``;
+- ``ARCHITECTURE``, ``MODEL_TYPE``: the HF class name in ``config.json``'s ``architectures`` and
+  its ``model_type``;
+- ``GGUF_ARCH``: llama.cpp's ``general.architecture`` for it;
 - ``PERMUTED_QK``: whether q/k rows are permuted between HF's RoPE layout (halves) and torchtune's
   (interleaved pairs) on import and export;
 - ``build(spec, max_seq_len)``: the torchtune decoder of a `ModelSpec`;

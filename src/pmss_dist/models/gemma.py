@@ -5,6 +5,8 @@ from torchtune.models.gemma import gemma
 from pmss_dist.models.spec import ModelSpec
 
 ARCHITECTURE = "GemmaForCausalLM"
+MODEL_TYPE = "gemma"
+GGUF_ARCH = "gemma"
 PERMUTED_QK = True
 TIED_BY_DEFAULT = True
 

@@ -27,6 +27,8 @@ from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
 from pmss_dist.models.spec import ModelSpec
 
 ARCHITECTURE = "Gemma2ForCausalLM"
+MODEL_TYPE = "gemma2"
+GGUF_ARCH = "gemma2"
 PERMUTED_QK = True  # torchtune's RoPE rotates interleaved pairs, HF halves
 TIED_BY_DEFAULT = True
 # torchtune's layer applies sa_norm -> attn -> sa_scale and mlp_norm -> mlp -> mlp_scale; these

@@ -9,6 +9,8 @@ from torchtune.modules import TiedLinear
 from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "LlamaForCausalLM"
+MODEL_TYPE = "llama"
+GGUF_ARCH = "llama"
 # HF rotates halves, torchtune interleaved pairs: q/k rows are permuted on import and export.
 PERMUTED_QK = True
 ROPE_SCALING = ("llama3",)

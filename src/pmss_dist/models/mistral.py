@@ -6,6 +6,8 @@ from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
 from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "MistralForCausalLM"
+MODEL_TYPE = "mistral"
+GGUF_ARCH = "llama"  # llama.cpp's converter writes Mistral as llama (a llama GGUF reads back as Llama)
 PERMUTED_QK = True
 # transformers' MistralConfig default, for a config.json without the key (null: no window).
 DEFAULT_SLIDING_WINDOW = 4096

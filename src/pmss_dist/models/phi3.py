@@ -15,6 +15,8 @@ from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
 from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "Phi3ForCausalLM"
+MODEL_TYPE = "phi3"
+GGUF_ARCH = "phi3"
 # torchtune's Phi3 RoPE rotates halves, as HF does: no permutation.
 PERMUTED_QK = False
 # "su" is the name older Phi-3 configs give LongRoPE (transformers reads it as "longrope").

@@ -8,6 +8,8 @@ from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
 from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "Qwen2ForCausalLM"
+MODEL_TYPE = "qwen2"
+GGUF_ARCH = "qwen2"
 # torchtune's Qwen2 rotates halves, as HF does: no permutation.
 PERMUTED_QK = False
 # Beyond the common map: the q/k/v biases.

@@ -25,6 +25,8 @@ from pmss_dist.models.sliding_window import add_sliding_windows
 from pmss_dist.models.spec import ModelSpec
 
 ARCHITECTURE = "Qwen3ForCausalLM"
+MODEL_TYPE = "qwen3"
+GGUF_ARCH = "qwen3"
 # Qwen2's RoPE in torchtune rotates halves, as HF does: no permutation, and the q/k norm weights
 # keep HF's feature order too.
 PERMUTED_QK = False
