@@ -183,6 +183,7 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     from pmss_dist.adapters.layers import AdapterSpec, assign_skeletons, count_parameters
     from pmss_dist.build import build_model
     from pmss_dist.config import ParallelConfig
+    from pmss_dist.models import model_spec
     from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
     from pmss_dist.parallel.mesh import ParallelDims
     from pmss_dist.train import step as step_lib
@@ -199,8 +200,8 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     t0 = time.perf_counter()
     parallel = ParallelConfig(compile=compile, activation_checkpointing=ac, reshard_after_forward="auto")
     mesh = ParallelDims.flat(env.world_size).build_mesh(env.device.type)
-    model = build_model(config, adapter=spec, mesh=mesh, device=env.device, dtype=torch.bfloat16, parallel=parallel,
-                        max_seq_len=seq)
+    model = build_model(model_spec(config), adapter=spec, mesh=mesh, device=env.device, dtype=torch.bfloat16,
+                        parallel=parallel, max_seq_len=seq)
     random_init(model, seed=0)
     if method == "pmss":
         assign_skeletons(model, selections=random_skeletons(model, seed=0))
@@ -211,7 +212,7 @@ def measure_training(env, model_name: str, ac: str, method: str, compile: bool, 
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
     counts = count_parameters(model)
     record.update(trainable_params=counts["trainable"], total_params=counts["total"],
-                  flops_per_token=flops_per_token(model, config, seq), build_s=time.perf_counter() - t0)
+                  flops_per_token=flops_per_token(model, model_spec(config), seq), build_s=time.perf_counter() - t0)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config["vocab_size"], (batch, seq + 1), generator=gen)
     data = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}

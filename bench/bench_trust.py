@@ -35,7 +35,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from pmss_dist.build import build_model
 from pmss_dist.checkpoints.fingerprint import base_fingerprint, cached_fingerprint, header_fingerprint
 from pmss_dist.files import file_sha256
-from pmss_dist.hf.load import read_hf_config
+from pmss_dist.hf.load import read_model_spec
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.checkpoints.record import verify
 from pmss_dist.checkpoints.storage import HashingWriter
@@ -105,11 +105,11 @@ def bench_fingerprint(root: Path, layers: int, repeats: int) -> None:
     base = write_tiny_checkpoint(root / "base", seed=0, hidden_size=1024, intermediate_size=2816,
                                  num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
                                  vocab_size=32000)
-    hf_config = read_hf_config(base)
+    spec = read_model_spec(base)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
 
     def load():
-        build_model(hf_config, adapter=None, mesh=None, device=torch.device("cpu"), dtype=torch.float32,
+        build_model(spec, adapter=None, mesh=None, device=torch.device("cpu"), dtype=torch.float32,
                     weights=base)
 
     def cold():

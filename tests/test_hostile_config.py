@@ -6,6 +6,7 @@ import time
 import pytest
 
 from pmss_dist.config import ConfigError, check_seq_len, load_config
+from pmss_dist.models import model_spec
 from pmss_dist.models.builtin import TINY_CONFIG
 
 
@@ -89,13 +90,13 @@ def test_keys_that_are_not_text_are_refused_by_name(tmp_path):
 
 
 def test_seq_len_beyond_the_models_context_is_refused():
-    limit = TINY_CONFIG["max_position_embeddings"]
-    check_seq_len(load_config(None, [f"data.seq_len={limit}"]), TINY_CONFIG)  # up to the context is fine
+    limit, tiny = TINY_CONFIG["max_position_embeddings"], model_spec(TINY_CONFIG)
+    check_seq_len(load_config(None, [f"data.seq_len={limit}"]), tiny)  # up to the context is fine
     with pytest.raises(ConfigError) as err:
-        check_seq_len(load_config(None, ["data.seq_len=1000000000"]), TINY_CONFIG)
+        check_seq_len(load_config(None, ["data.seq_len=1000000000"]), tiny)
     assert str(err.value) == (f"data.seq_len=1000000000 is longer than the model's context "
                               f"(max_position_embeddings={limit} in its config.json); lower data.seq_len "
                               f"to at most {limit}")
     # a config.json that states no context sets no limit here
     check_seq_len(load_config(None, ["data.seq_len=100000"]),
-                  {k: v for k, v in TINY_CONFIG.items() if k != "max_position_embeddings"})
+                  model_spec({k: v for k, v in TINY_CONFIG.items() if k != "max_position_embeddings"}))

@@ -1,5 +1,7 @@
 """docs/DESIGN.md's map of the packages is the code's: every import inside pmss_dist points down
-the table (to a package listed below its own), never up, so the sentence that says so is true."""
+the table (to a package listed below its own), never up, so the sentence that says so is true;
+and within a package no import runs back up to a module that imports it (a family module to the
+family table), at the top of a file or inside a function."""
 
 from __future__ import annotations
 
@@ -44,3 +46,43 @@ def test_imports_point_down_the_map():
     upward = [f"{file}:{line}: {unit} imports {target}" for file, line, unit, target in imports()
               if unit in rank and target != unit and rank[target] < rank[unit]]
     assert not upward, "\n".join(upward)
+
+
+def module_imports() -> dict[str, dict[str, int]]:
+    """Each pmss_dist module's imports of pmss_dist modules, at any depth of its code (an import
+    inside a function runs as surely as one at the top, only later), as ``{module: line}``:
+    ``from pmss_dist.models import qwen2`` imports the submodule, ``... import FAMILIES`` the package."""
+    names = {".".join(("pmss_dist", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+             for p in SRC.rglob("*.py")}
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        module = ".".join(("pmss_dist", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+        found[module] = edges = {}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in names:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
+                           for a in node.names]
+            else:
+                targets = [a.name for a in node.names if a.name in names] if isinstance(node, ast.Import) else []
+            for target in targets:
+                edges.setdefault(target, node.lineno)
+    return found
+
+
+def test_no_import_runs_back_up():
+    """No module imports one that imports it back, directly or through others (a family module
+    importing ``pmss_dist.models``, whose table imports the families): such a cycle only works while
+    one side imports lazily, and puts a module above and below another at once."""
+    graph = module_imports()
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for target, line in graph.get(module, {}).items():
+            if target == path[0]:
+                cycles.append(" -> ".join(path + [target]) + f" (line {line} of {module})")
+            elif target not in path and target > path[0]:  # each cycle once, from its smallest module
+                visit(target, path + [target])
+
+    for module in sorted(graph):
+        visit(module, [module])
+    assert not cycles, "\n".join(cycles)

@@ -1,4 +1,5 @@
-"""The one recipe that turns an HF config into a ready model, for every entry point.
+"""The one recipe that turns a model's spec (its config.json, read) into a ready model, for every
+entry point.
 
 Build on the meta device -> swap in adapters -> activation checkpointing, compile and FSDP2 per
 block -> ``to_empty`` on the device -> RoPE caches -> base weights, each rank reading only its own
@@ -23,6 +24,7 @@ from pmss_dist.adapters.quantize import tensor_bytes
 from pmss_dist.config import ParallelConfig
 from pmss_dist.hf.load import base_parameters, check_hf_weights, load_hf_weights
 from pmss_dist.models import build_decoder, init_rope_caches
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.console import print_main
 from pmss_dist.parallel.mesh import SHARD
 from pmss_dist.parallel.parallelize import parallelize, rank_memory_bytes, resolve_reshard_after_forward
@@ -31,10 +33,10 @@ from pmss_dist.parallel.parallelize import parallelize, rank_memory_bytes, resol
 INFERENCE = ParallelConfig(compile=False, activation_checkpointing="none", reshard_after_forward=True)
 
 
-def build_model(hf_config: dict, *, adapter: AdapterSpec | None, mesh: DeviceMesh | None, device: torch.device,
+def build_model(model_spec: ModelSpec, *, adapter: AdapterSpec | None, mesh: DeviceMesh | None, device: torch.device,
                 dtype: torch.dtype, parallel: ParallelConfig = INFERENCE, weights: str | Path | None = None,
                 max_seq_len: int | None = None, seed: int = 0) -> nn.Module:
-    """The decoder ``hf_config`` describes, with ``adapter`` swapped in (``None``: no adapter,
+    """The decoder ``model_spec`` describes, with ``adapter`` swapped in (``None``: no adapter,
     everything frozen), sharded over ``mesh`` as ``parallel`` says (``mesh=None``: nothing sharded,
     a whole copy in this process), on ``device``, frozen weights in ``dtype``, base weights read from the HF
     directory ``weights`` (``None``: left uninitialised, for callers that draw their own).
@@ -42,21 +44,21 @@ def build_model(hf_config: dict, *, adapter: AdapterSpec | None, mesh: DeviceMes
     Adapter tensors are fp32 and start as `reset_adapters` makes them from ``seed``; PMSS layers
     still need skeletons (`assign_skeletons`, or a checkpoint). Full fine-tuning keeps fp32 master
     weights, sharded, and computes in ``dtype`` through FSDP's mixed precision."""
-    model = sharded_meta_model(hf_config, adapter=adapter, mesh=mesh, device=device, dtype=dtype, parallel=parallel,
+    model = sharded_meta_model(model_spec, adapter=adapter, mesh=mesh, device=device, dtype=dtype, parallel=parallel,
                                weights=weights, max_seq_len=max_seq_len)
-    return materialize(model, hf_config, device=device, weights=weights, seed=seed)
+    return materialize(model, model_spec, device=device, weights=weights, seed=seed)
 
 
-def sharded_meta_model(hf_config: dict, *, adapter: AdapterSpec | None, mesh: DeviceMesh | None,
+def sharded_meta_model(model_spec: ModelSpec, *, adapter: AdapterSpec | None, mesh: DeviceMesh | None,
                        device: torch.device, dtype: torch.dtype, parallel: ParallelConfig = INFERENCE,
                        weights: str | Path | None = None, max_seq_len: int | None = None) -> nn.Module:
     """The first half of `build_model`: the model on the meta device with adapters, activation
     checkpointing, compile and FSDP2 applied, and no memory used (``device`` only sizes
     ``reshard_after_forward: auto``). The planner (`pmss_dist.plan`) materialises it under fake tensors."""
     shards = 1 if mesh is None else mesh[SHARD].size()
-    model = _meta_model(hf_config, adapter, dtype, max_seq_len, shards=shards, device=device)
+    model = _meta_model(model_spec, adapter, dtype, max_seq_len, shards=shards, device=device)
     if weights is not None:  # names and shapes, from the file headers: before any memory is used
-        check_hf_weights({name: p.shape for name, p in base_parameters(model).items()}, weights, hf_config)
+        check_hf_weights({name: p.shape for name, p in base_parameters(model).items()}, weights, model_spec)
     reshard = True
     if mesh is not None:
         model_bytes = sum(tensor_bytes(p) for p in model.parameters())
@@ -70,7 +72,7 @@ def sharded_meta_model(hf_config: dict, *, adapter: AdapterSpec | None, mesh: De
     return model
 
 
-def materialize(model: nn.Module, hf_config: dict, *, device: torch.device, weights: str | Path | None = None,
+def materialize(model: nn.Module, model_spec: ModelSpec, *, device: torch.device, weights: str | Path | None = None,
                 seed: int = 0, storage_mode=None) -> nn.Module:
     """The second half of `build_model`: storage on ``device`` (each rank its shards), RoPE caches,
     base weights from ``weights`` (``None``: left uninitialised), adapter tensors initialised.
@@ -80,22 +82,22 @@ def materialize(model: nn.Module, hf_config: dict, *, device: torch.device, weig
         model.to_empty(device=device)
     init_rope_caches(model, device)
     if weights is not None:
-        load_hf_weights(model, weights, hf_config)
+        load_hf_weights(model, weights, model_spec)
     reset_adapters(model, seed)
     return model
 
 
-def parameter_bytes(hf_config: dict, *, adapter: AdapterSpec | None, dtype: torch.dtype) -> int:
+def parameter_bytes(model_spec: ModelSpec, *, adapter: AdapterSpec | None, dtype: torch.dtype) -> int:
     """Bytes of the model `build_model` makes (all of it, unsharded), from a build on the meta device."""
-    return sum(tensor_bytes(p) for p in _meta_model(hf_config, adapter, dtype, None).parameters())
+    return sum(tensor_bytes(p) for p in _meta_model(model_spec, adapter, dtype, None).parameters())
 
 
-def _meta_model(hf_config: dict, adapter: AdapterSpec | None, dtype: torch.dtype, max_seq_len: int | None, *,
+def _meta_model(model_spec: ModelSpec, adapter: AdapterSpec | None, dtype: torch.dtype, max_seq_len: int | None, *,
                 shards: int = 1, device: torch.device | None = None):
     # Full fine-tuning keeps fp32 master weights (FSDP's mixed precision computes in ``dtype``).
     storage_dtype = torch.float32 if adapter is not None and adapter.kind == FULL else dtype
     with torch.device("meta"), set_default_dtype(storage_dtype):
-        model = build_decoder(hf_config, max_seq_len=max_seq_len)
+        model = build_decoder(model_spec, max_seq_len=max_seq_len)
     if adapter is None:
         model.requires_grad_(False)
     else:

@@ -24,6 +24,9 @@ from pmss_dist.adapters.layers import ADAPTER_KINDS, FULL, TARGET_ALIASES, Adapt
 from pmss_dist.adapters.quantize import QUANTIZE_FORMATS
 from pmss_dist.data.quote import cut, quote
 
+if typing.TYPE_CHECKING:  # the spec's module loads torchtune, which the config's readers need not
+    from pmss_dist.models.spec import ModelSpec
+
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "instruction", "chat", "qa", "preference")
 BAD_ROW_MODES = ("error", "skip")
@@ -439,12 +442,12 @@ def _check_path(key: str, value: str | None) -> None:
         raise ConfigError(f"{key} holds a NUL character, which no path can; fix the value")
 
 
-def check_seq_len(cfg: TrainConfig, hf_config: dict) -> None:
+def check_seq_len(cfg: TrainConfig, model_spec: ModelSpec) -> None:
     """``data.seq_len`` within the model's context (config.json's ``max_position_embeddings``; a
     config.json without it sets no limit): the RoPE caches and every batch are ``seq_len`` long,
     and the model never saw positions past its context. Called where config.json is read."""
-    limit = hf_config.get("max_position_embeddings")
-    if isinstance(limit, int) and cfg.data.seq_len > limit:
+    limit = model_spec.max_seq_len
+    if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
                           f"(max_position_embeddings={limit} in its config.json); lower data.seq_len "
                           f"to at most {limit}")

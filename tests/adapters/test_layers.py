@@ -7,7 +7,7 @@ from torch import nn
 from pmss_dist.adapters.layers import (AdapterSpec, LoRALinear, PMSSLinear, adapter_layers, apply_adapters, apply_pmss,
                                 merge_adapters, reset_adapters)
 from pmss_dist.adapters.selection import select_skeleton
-from pmss_dist.models import build_decoder
+from pmss_dist.models import build_decoder, model_spec
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -64,7 +64,7 @@ def test_lora_forward_equals_dense_reference():
 def _tiny(arch, **extra):
     torch.manual_seed(0)
     cfg = {**TINY, "architectures": [arch], **extra}
-    return build_decoder(cfg).double()
+    return build_decoder(model_spec(cfg)).double()
 
 
 FAMILIES = [("LlamaForCausalLM", {}), ("MistralForCausalLM", {}), ("Qwen2ForCausalLM", {}),

@@ -12,6 +12,7 @@ from pmss_dist.adapters.layers import AdapterSpec, LoRALinear, PMSSLinear, apply
 from pmss_dist.adapters.quantize import (NF4_BLOCK, check_quantizable, int8_rows, nf4_dense, nf4_rows,
                                          nf4_scale_mean, nf4_scaler_block, tensor_bytes)
 from pmss_dist.build import build_model
+from pmss_dist.models import model_spec
 from pmss_dist.config import ConfigError, load_config
 from pmss_dist.models.builtin import TINY_CONFIG
 
@@ -154,7 +155,7 @@ def test_quantized_model_holds_a_fraction_of_the_frozen_bytes():
     hf = {**TINY_CONFIG, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
     frozen = {}
     for fmt in ("none", "nf4", "int8"):
-        model = build_model(hf, adapter=AdapterSpec("pmss", size=8, quantize=fmt), mesh=None,
+        model = build_model(model_spec(hf), adapter=AdapterSpec("pmss", size=8, quantize=fmt), mesh=None,
                             device=torch.device("cpu"), dtype=torch.bfloat16)
         frozen[fmt] = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad)
     assert frozen["nf4"] <= 0.30 * frozen["none"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pmss_dist.data import batches
 from pmss_dist.data import examples as D
 from pmss_dist.config import DataConfig
-from pmss_dist.models import build_decoder
+from pmss_dist.models import build_decoder, model_spec
 from pmss_dist.data.packing import document_mask_and_positions, pack_samples
 from pmss_dist.data.tokenizers import ByteTokenizer
 
@@ -45,7 +45,7 @@ def test_packed_batch_equals_documents_one_by_one():
     for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):  # interleaved and half-split RoPE
         config = dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=48,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        model = build_decoder(config).float()
+        model = build_decoder(model_spec(config)).float()
         samples = _samples(9, 64, seed=1)
         packs = pack_samples(samples, 24, seed=0)
         assert sorted(sum((p["seq_lens"] for p in packs), [])) == sorted(len(s["tokens"]) for s in samples)

@@ -10,7 +10,7 @@ from torchtune.generation import generate as torchtune_generate
 
 from pmss_dist.eval.scoring import final_number_match
 from pmss_dist.eval.generation import generate
-from pmss_dist.models import build_decoder
+from pmss_dist.models import build_decoder, model_spec
 
 PROMPTS = [[1, 5, 9], [1, 7, 3, 3, 8, 2], [1, 4, 4, 4, 4, 4, 4, 2, 9, 11]]
 
@@ -20,7 +20,7 @@ def model():
     torch.manual_seed(0)
     config = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40)
-    m = build_decoder(config).eval()
+    m = build_decoder(model_spec(config)).eval()
     for p in m.parameters():  # larger weights than the default init: peaked, varied next-token choices
         torch.nn.init.normal_(p, std=0.3)
     return m

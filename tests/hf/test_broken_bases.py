@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from conftest import run_direct
 from pmss_dist.build import build_model
 from pmss_dist.config import ConfigError
-from pmss_dist.hf.load import INDEX_FILE, SINGLE_FILE, read_hf_config
+from pmss_dist.hf.load import INDEX_FILE, SINGLE_FILE, read_model_spec
 from pmss_dist.models import HFCheckpointError
 from pmss_dist.models.builtin import write_tiny_checkpoint
 
@@ -138,8 +138,7 @@ def test_broken_base_stops_the_trainer_in_one_line(bases, tmp_path, base, breaks
     breaks(ckpt)
     # The reader refuses it with our error, naming the file ...
     with pytest.raises(HFCheckpointError) as refusal:
-        config = read_hf_config(ckpt)
-        build_model(config, adapter=None, mesh=None, device=torch.device("cpu"), dtype=torch.float32, weights=ckpt)
+        build_model(read_model_spec(ckpt), adapter=None, mesh=None, device=torch.device("cpu"), dtype=torch.float32, weights=ckpt)
     message = str(refusal.value)
     assert isinstance(refusal.value, ConfigError) and str(ckpt / file) in message and says in message, message
     # ... and the trainer reports it in one line, once, its last (safetensors may name another
@@ -155,6 +154,6 @@ def test_broken_base_stops_the_trainer_in_one_line(bases, tmp_path, base, breaks
 def test_the_valid_bases_load(bases):
     """The cases above break these, which load: any refusal above is the break's."""
     for ckpt in bases.values():
-        model = build_model(read_hf_config(ckpt), adapter=None, mesh=None, device=torch.device("cpu"),
+        model = build_model(read_model_spec(ckpt), adapter=None, mesh=None, device=torch.device("cpu"),
                             dtype=torch.float32, weights=ckpt)
         assert torch.equal(model.norm.scale, load_file(str(bases["single"] / SINGLE_FILE))["model.norm.weight"])

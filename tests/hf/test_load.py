@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torchtune.training import set_default_dtype
 
 from conftest import free_port
-from pmss_dist.hf.load import load_hf_weights, read_hf_config, weight_files
+from pmss_dist.hf.load import load_hf_weights, read_model_spec, weight_files
 from pmss_dist.models import build_decoder, init_rope_caches
 
 # Odd vocabulary and intermediate sizes: shards of 2 ranks differ in length.
@@ -81,12 +81,12 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def our_model(ckpt_dir: Path, dtype=torch.float32):
-    hf_config = read_hf_config(ckpt_dir)
+    spec = read_model_spec(ckpt_dir)
     with torch.device("meta"), set_default_dtype(dtype):
-        model = build_decoder(hf_config)
+        model = build_decoder(spec)
     model.to_empty(device="cpu")
     init_rope_caches(model, torch.device("cpu"))
-    load_hf_weights(model, ckpt_dir, hf_config)
+    load_hf_weights(model, ckpt_dir, spec)
     return model.eval()
 
 
@@ -182,17 +182,16 @@ def _two_rank_worker(rank: int, port: int, cases: list[tuple[str, str, str]]) ->
     try:
         mesh = init_device_mesh("cpu", (2,))
         for ckpt_dir, dcp_dir, expected_file in cases:
-            hf_config = read_hf_config(ckpt_dir)
+            spec = read_model_spec(ckpt_dir)
             # Independent reference: torchtune's own converter on the whole consolidated state dict.
             full = {}
             for path in sorted(set(weight_files(ckpt_dir).values())):
                 full.update(load_file(str(path)))
-            reference = hf_to_tune(full, num_heads=hf_config["num_attention_heads"],
-                                   num_kv_heads=hf_config["num_key_value_heads"], dim=hf_config["hidden_size"])
+            reference = hf_to_tune(full, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, dim=spec.dim)
 
             def sharded_model():
                 with torch.device("meta"):
-                    model = build_decoder(hf_config)
+                    model = build_decoder(spec)
                 apply_adapters(model, AdapterSpec("pmss", size=4, alpha=4.0))
                 parallelize(model, mesh, param_dtype=torch.float32, compile=False,
                             activation_checkpointing="none", reshard_after_forward=True)
@@ -210,7 +209,7 @@ def _two_rank_worker(rank: int, port: int, cases: list[tuple[str, str, str]]) ->
                     assert torch.equal(p.to_local(), want), f"{source}: rank {rank} {name}"
 
             model = sharded_model()
-            load_hf_weights(model, ckpt_dir, hf_config)
+            load_hf_weights(model, ckpt_dir, spec)
             assert_shards_equal_slices(model, ckpt_dir)
             # An identity adapter (zero cores) on every projection: logits are the base model's.
             reset_adapters(model, seed=0)

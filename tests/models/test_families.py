@@ -37,7 +37,7 @@ from pmss_dist.adapters.layers import AdapterSpec, apply_adapters, assign_skelet
 from pmss_dist.eval.model import load_eval_model  # noqa: E402
 from pmss_dist.hf.export import EXPORT_RECORD, ORIGINAL_WEIGHTS, export_merged  # noqa: E402
 from pmss_dist.checkpoints.fingerprint import base_fingerprint  # noqa: E402
-from pmss_dist.hf.load import read_hf_config  # noqa: E402
+from pmss_dist.hf.load import read_model_spec  # noqa: E402
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE  # noqa: E402
 
 FAMILY_CASES = list(FAMILIES)
@@ -60,7 +60,7 @@ def our_logits(model, toks: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILY_CASES)
 def test_logits_match_transformers(tmp_path, family):
     hf_model = make_hf_checkpoint(tmp_path, family)
-    toks = long_tokens(read_hf_config(tmp_path), TINY["vocab_size"])
+    toks = long_tokens(read_model_spec(tmp_path).config, TINY["vocab_size"])
     with torch.no_grad():
         expected = hf_model(toks).logits.float()
     assert_close_to_scale(our_logits(our_model(tmp_path), toks), expected, 1e-5)
@@ -111,7 +111,7 @@ def _byte_tokenized_checkpoint(path: Path, family: str) -> None:
 def test_trained_exports_match_transformers_and_peft(stock_peft, tmp_path, family):
     base = tmp_path / "base"
     _byte_tokenized_checkpoint(base, family)
-    toks = long_tokens(read_hf_config(base), 320)
+    toks = long_tokens(read_model_spec(base).config, 320)
     peft_args, scale = ["--base", base], 0.0
     for kind, lr in (("pmss", "5e-2"), ("lora", "1e-2")):
         run = tmp_path / kind
@@ -143,14 +143,14 @@ def _edited_copy(src: Path, dst: Path, **changes) -> Path:
     dst.mkdir()
     for path in src.iterdir():
         (dst / path.name).write_bytes(path.read_bytes())
-    config = {k: v for k, v in {**read_hf_config(src), **changes}.items() if v is not None}
+    config = {k: v for k, v in {**read_model_spec(src).config, **changes}.items() if v is not None}
     (dst / "config.json").write_text(json.dumps(config))
     return dst
 
 
 def test_llama3_rope_scaling_matters_and_reads_both_layouts(tmp_path):
     hf_model = make_hf_checkpoint(tmp_path / "nested", "llama3.1")
-    config = read_hf_config(tmp_path / "nested")
+    config = read_model_spec(tmp_path / "nested").config
     toks = long_tokens(config, TINY["vocab_size"])
     with torch.no_grad():
         expected = hf_model(toks).logits.float()
@@ -174,7 +174,7 @@ def test_sliding_window_matters_and_holds_with_packing_and_kv_cache(tmp_path, fa
     from pmss_dist.data.packing import document_mask_and_positions
 
     hf_model = make_hf_checkpoint(tmp_path / "ckpt", family)
-    config = read_hf_config(tmp_path / "ckpt")
+    config = read_model_spec(tmp_path / "ckpt").config
     window, toks = config["sliding_window"], long_tokens(config, TINY["vocab_size"])
     total = toks.shape[1]
     with torch.no_grad():
@@ -214,5 +214,5 @@ def test_qwen2_5_config_as_released_has_no_window(tmp_path):
     make_hf_checkpoint(tmp_path / "ckpt", "qwen2.5-tied")
     shipped = _edited_copy(tmp_path / "ckpt", tmp_path / "shipped", use_sliding_window=False, sliding_window=4,
                            max_window_layers=1, layer_types=None)
-    toks = long_tokens(read_hf_config(shipped), TINY["vocab_size"])
+    toks = long_tokens(read_model_spec(shipped).config, TINY["vocab_size"])
     assert_close_to_scale(our_logits(our_model(shipped), toks), transformers_logits(shipped, toks), 1e-5)

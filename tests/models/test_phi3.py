@@ -32,8 +32,8 @@ from test_load import TINY, make_hf_checkpoint, our_model, tokens  # noqa: E402
 from pmss_dist.adapters.io import save_adapter  # noqa: E402
 from pmss_dist.hf.export import export_merged, export_peft  # noqa: E402
 from pmss_dist.checkpoints.fingerprint import base_fingerprint  # noqa: E402
-from pmss_dist.hf.load import read_hf_config  # noqa: E402
-from pmss_dist.models import build_decoder  # noqa: E402
+from pmss_dist.hf.load import read_model_spec  # noqa: E402
+from pmss_dist.models import build_decoder, model_spec  # noqa: E402
 
 QKV = {"q_proj": (0, 32), "k_proj": (32, 48), "v_proj": (48, 64)}
 GATE_UP = {"gate_proj": (0, 45), "up_proj": (45, 90)}
@@ -209,15 +209,15 @@ def _two_rank_worker(rank: int, port: int, ckpt_dir: str, expected_file: str) ->
     load.open_safetensors = lambda path: Handle(opener(path))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        hf_config = read_hf_config(ckpt_dir)
+        spec = read_model_spec(ckpt_dir)
         with torch.device("meta"):
-            model = build_decoder(hf_config)
+            model = build_decoder(spec)
         model.requires_grad_(False)
         parallelize(model, init_device_mesh("cpu", (2,)), param_dtype=torch.float32, compile=False,
                     activation_checkpointing="none", reshard_after_forward=True)
         model.to_empty(device="cpu")
         init_rope_caches(model, torch.device("cpu"))
-        load.load_hf_weights(model, ckpt_dir, hf_config)
+        load.load_hf_weights(model, ckpt_dir, spec)
 
         # Independent reference: torchtune's own Phi-3 conversion of the whole state dict.
         reference = phi3_hf_to_tune(hf_tensors(Path(ckpt_dir)), num_heads=4, num_kv_heads=2, dim=32)
@@ -280,7 +280,7 @@ def test_full_finetune_export_fuses_the_trained_weights(tmp_path):
     _byte_tokenized_checkpoint(base, "phi3")
     run_job(2, [*FAST, "max_steps=2", "adapter.kind=full", "optim.lr=1e-3", f"model.path={base}",
                 f"output_dir={run}", "checkpoint.every_steps=0"])
-    model = build_decoder(read_hf_config(base))
+    model = build_decoder(read_model_spec(base))
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     dcp.load(state, checkpoint_id=run / "checkpoints" / "step_000002", no_dist=True)
     trained = {k.removeprefix("model."): v for k, v in state.items()}
@@ -351,7 +351,7 @@ def test_kv_cache_decoding_matches_transformers_cache(tmp_path, family):
 def test_refusals_before_any_work(edit, message):
     config = {"architectures": ["Phi3ForCausalLM"], **TINY}
     with pytest.raises(ValueError, match=message), torch.device("meta"):
-        build_decoder(edit(config))
+        build_decoder(model_spec(edit(config)))
 
 
 def test_config_contradicting_the_fused_weights_names_its_fields(tmp_path):
@@ -381,11 +381,11 @@ def test_phi4_config_k_is_peft_lora_r8_budget():
         hf_model = transformers.Phi3ForCausalLM(config)
     lora = sum(8 * (m.in_features + m.out_features) for name, m in hf_model.named_modules()
                if name.rpartition(".")[2] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
-    hf_config = {**config.to_dict(), "architectures": ["Phi3ForCausalLM"]}
+    spec = model_spec({**config.to_dict(), "architectures": ["Phi3ForCausalLM"]})
 
     def pmss(k: int) -> int:
         with torch.device("meta"):
-            model = build_decoder(hf_config)
+            model = build_decoder(spec)
         return apply_adapters(model, AdapterSpec("pmss", tuple(cfg.adapter.targets), k, float(k)))["trainable"]
 
     k = cfg.adapter.rank

@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO / "tests" / "hf"))  # the tiny family checkpoints of
 from test_export import assert_close_to_scale, transformers_logits  # noqa: E402
 from test_load import TINY, make_hf_checkpoint, our_model  # noqa: E402
 
-from pmss_dist.hf.load import read_hf_config, weight_files  # noqa: E402
-from pmss_dist.models import build_decoder  # noqa: E402
+from pmss_dist.hf.load import read_model_spec, weight_files  # noqa: E402
+from pmss_dist.models import build_decoder, model_spec  # noqa: E402
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="the family tests need transformers (pip install -e .[test])")
@@ -84,7 +84,7 @@ def test_qwen3_sliding_window_as_transformers_reads_it(tmp_path):
     """Released Qwen3 has no window; a config.json with use_sliding_window slides from
     max_window_layers on, as for Qwen2, and the 4-token window visibly changes the logits."""
     hf_model = make_hf_checkpoint(tmp_path, "qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    assert read_hf_config(tmp_path)["layer_types"] == ["full_attention", "sliding_attention"]
+    assert read_model_spec(tmp_path).config["layer_types"] == ["full_attention", "sliding_attention"]
     model = our_model(tmp_path)
     expected = hf_logits(hf_model)
     assert_close_to_scale(logits(model), expected, 1e-5)
@@ -137,7 +137,7 @@ def test_gemma2_layer_pattern_follows_the_file(tmp_path, layer_types):
     transformers assumes. A file that lists them is followed layer by layer."""
     extra = {"num_hidden_layers": 3} if layer_types else {}
     hf_model = make_hf_checkpoint(tmp_path, "gemma2", **extra, **({"layer_types": layer_types} if layer_types else {}))
-    config = read_hf_config(tmp_path)
+    config = read_model_spec(tmp_path).config
     if layer_types is None:
         assert config.pop("layer_types")[:2] == ["sliding_attention", "full_attention"]
         (tmp_path / "config.json").write_text(json.dumps(config))
@@ -175,7 +175,7 @@ def test_what_is_not_modelled_is_refused(arch, changes, message):
     config = {**TINY, "architectures": [arch], "head_dim": 16, **changes}
     with pytest.raises(ValueError, match=f"config.json.*{message}"):
         with torch.device("meta"):
-            build_decoder(config)
+            build_decoder(model_spec(config))
 
 
 # The shipped configs' models, as their config.json files give them.
@@ -198,12 +198,12 @@ def test_config_k_is_lora_r8_budget(name):
 
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     config_cls, shapes = REAL[name]
-    hf_config = {**getattr(transformers, config_cls)(**shapes).to_dict(),
-                 "architectures": [config_cls.replace("Config", "ForCausalLM")]}
+    spec = model_spec({**getattr(transformers, config_cls)(**shapes).to_dict(),
+                       "architectures": [config_cls.replace("Config", "ForCausalLM")]})
 
     def trainable(kind: str, size: int) -> int:
         with torch.device("meta"):
-            model = build_decoder(hf_config)
+            model = build_decoder(spec)
         return apply_adapters(model, AdapterSpec(kind, targets=tuple(cfg.adapter.targets), size=size,
                                                  alpha=float(size)))["trainable"]
 
@@ -223,7 +223,7 @@ def test_full_finetune_export_is_the_trained_model(tmp_path, family):
     run_job(2, [*FAST, "max_steps=3", "adapter.kind=full", "optim.lr=1e-3", f"model.path={base}",
                 f"output_dir={run}", "checkpoint.every_steps=0"])
 
-    model = build_decoder(read_hf_config(base))
+    model = build_decoder(read_model_spec(base))
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     dcp.load(state, checkpoint_id=run / "checkpoints" / "step_000003", no_dist=True)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})

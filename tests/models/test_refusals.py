@@ -19,8 +19,8 @@ from test_load import make_hf_checkpoint  # noqa: E402
 
 from pmss_dist.adapters.layers import AdapterSpec  # noqa: E402
 from pmss_dist.build import build_model  # noqa: E402
-from pmss_dist.hf.load import read_hf_config  # noqa: E402
-from pmss_dist.models import FAMILIES, HFCheckpointError  # noqa: E402
+from pmss_dist.hf.load import read_model_spec  # noqa: E402
+from pmss_dist.models import FAMILIES, HFCheckpointError, model_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +36,14 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def build_with(monkeypatch, ckpt: Path, **config_changes) -> None:
     """build_model on ``ckpt`` with config.json changed (a value of None removes the key), as the
     trainer calls it; any allocation of the model (``to_empty``) counts as work begun."""
-    config = {k: v for k, v in {**read_hf_config(ckpt), **config_changes}.items() if v is not None}
+    config = {k: v for k, v in {**read_model_spec(ckpt).config, **config_changes}.items() if v is not None}
 
     def work_begun(*args, **kwargs):
         raise AssertionError("the model was allocated before the refusal")
 
     monkeypatch.setattr(torch.nn.Module, "to_empty", work_begun)
-    build_model(config, adapter=AdapterSpec("pmss", size=4, alpha=4.0), mesh=None, device=torch.device("cpu"),
-                dtype=torch.float32, weights=ckpt)
+    build_model(model_spec(config), adapter=AdapterSpec("pmss", size=4, alpha=4.0), mesh=None,
+                device=torch.device("cpu"), dtype=torch.float32, weights=ckpt)
 
 
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "LlavaForConditionalGeneration",
@@ -65,7 +65,7 @@ def test_unsupported_architecture_is_refused(checkpoints, monkeypatch, arch):
     ("mistral", "yarn", dict(rope_scaling=dict(rope_type="yarn", factor=4.0))),
 ], ids=["llama-yarn", "llama-dynamic", "llama-linear", "qwen2-longrope", "mistral-yarn"])
 def test_unimplemented_rope_scaling_is_refused(checkpoints, monkeypatch, family, kind, changes):
-    arch = read_hf_config(checkpoints[family])["architectures"][0]
+    arch = read_model_spec(checkpoints[family]).family.ARCHITECTURE
     supported = list(getattr(FAMILIES[arch], "ROPE_SCALING", ())) or "none"
     with pytest.raises(ValueError, match=rf"rope_scaling type '{kind}' is not supported for {arch} "
                                          rf"\(supported: {supported}\)".replace("[", r"\[").replace("]", r"\]")):
@@ -127,7 +127,7 @@ def test_refusals_reach_the_trainer(checkpoints, tmp_path):
     ckpt.mkdir()
     for path in checkpoints["llama"].iterdir():
         (ckpt / path.name).write_bytes(path.read_bytes())
-    config = read_hf_config(ckpt)
+    config = read_model_spec(ckpt).config
     (ckpt / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
     proc = subprocess.run([sys.executable, "-m", "pmss_dist.cli.train", "--config", str(REPO / "configs" / "tiny.yaml"),
                            f"model.path={ckpt}", f"output_dir={tmp_path / 'run'}", "model.dtype=float32"],

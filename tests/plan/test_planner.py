@@ -13,17 +13,16 @@ import sys
 from dataclasses import fields
 
 import pytest
-import torch
 
 from conftest import REPO, TINY_CONFIG
 from pmss_dist.adapters.quantize import nf4_scaler_block
 from pmss_dist.cli.plan import main
 from pmss_dist.config import ConfigError, ParallelConfig, check_world_size, load_config
+from pmss_dist.models import model_spec
 from pmss_dist.models.builtin import TINY_CONFIG as TINY_MODEL
 from pmss_dist.parallel.mesh import ParallelDims
-from pmss_dist.models.sliding_window import attention_windows
 from pmss_dist.plan.comms import Collective, step_volume
-from pmss_dist.plan.fake import fake_world, meta_model
+from pmss_dist.plan.fake import fake_world
 from pmss_dist.plan.planner import SAMPLED_DEPTHS, Setting, _Context, _sampled_depths, valid_dp_shards
 from pmss_dist.plan.probe import StepProfile
 from pmss_dist.plan.timing import Cluster
@@ -197,11 +196,12 @@ def steps_at_both_depths(hf_config: dict, overrides: list[str], setting: Setting
     cluster = Cluster(nodes=2, gpus_per_node=4, gpu_memory_gib=1, peak_tflops=100, intra_gbps=100, inter_gbps=10,
                       mfu=0.5, headroom=0.1)
     with fake_world(cluster.world_size):
-        ctx = _Context(cfg, hf_config, cluster, check_world_size(cfg, cluster.world_size))
+        spec = model_spec(hf_config)
+        ctx = _Context(cfg, spec, cluster, check_world_size(cfg, cluster.world_size))
         ctx.depths = SAMPLED_DEPTHS
         sampled = ctx.probe(setting)
         assert ctx.depths == SAMPLED_DEPTHS  # extrapolated, not fallen back to the full depth
-        return sampled, ctx._probe(setting, hf_config)
+        return sampled, ctx._probe(setting, spec)
 
 
 @pytest.mark.slow
@@ -230,9 +230,7 @@ def test_a_deep_step_extrapolated_from_two_shallow_ones_equals_it(model, overrid
 
 def test_layers_with_a_window_shorter_than_the_sequence_are_planned_at_full_depth():
     for window, sampled in ((64, SAMPLED_DEPTHS), (16, None)):  # data.seq_len=64 below
-        model = meta_model(gemma2_config(window), adapter=None, mesh=None, dtype=torch.float32,
-                           parallel=ParallelConfig(), max_seq_len=64)
-        assert _sampled_depths(DEEP, attention_windows(model), seq_len=64) == sampled
+        assert _sampled_depths(DEEP, model_spec(gemma2_config(window)).windows, seq_len=64) == sampled
     assert _sampled_depths(sum(SAMPLED_DEPTHS), [None] * sum(SAMPLED_DEPTHS), seq_len=64) is None  # no time saved
 
 
@@ -240,6 +238,7 @@ def test_a_dpo_step_is_planned_with_its_reference_forward_and_no_reference_copy(
     # A dpo micro-batch of 4 pairs is 8 rows: the step of an sft micro-batch of 8 rows, plus a
     # forward of those rows with the adapters off. Independent reference for that forward: torch's
     # FLOP counter on a real (unsharded) model.
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from pmss_dist.adapters.layers import adapters_off
@@ -253,9 +252,9 @@ def test_a_dpo_step_is_planned_with_its_reference_forward_and_no_reference_copy(
                             ("dpo", ["objective.kind=dpo", "data.micro_batch_size=4", "data.batch_size=4"])):
         cfg = load_config(TINY_CONFIG, ["data.seq_len=64", *overrides])
         with fake_world(1):
-            ctx = _Context(cfg, dict(TINY_MODEL), cluster, check_world_size(cfg, 1))
-            profiles[name] = ctx._probe(Setting(1, None, "none"), dict(TINY_MODEL))
-    model = build_model(dict(TINY_MODEL), adapter=adapter_spec(cfg), mesh=None, device=torch.device("cpu"),
+            ctx = _Context(cfg, model_spec(TINY_MODEL), cluster, check_world_size(cfg, 1))
+            profiles[name] = ctx._probe(Setting(1, None, "none"), model_spec(TINY_MODEL))
+    model = build_model(model_spec(TINY_MODEL), adapter=adapter_spec(cfg), mesh=None, device=torch.device("cpu"),
                         dtype=torch.bfloat16, max_seq_len=64)
     with torch.no_grad(), adapters_off(model), FlopCounterMode(display=False) as counter:
         model(torch.zeros(8, 64, dtype=torch.long))

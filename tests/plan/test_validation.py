@@ -20,7 +20,7 @@ from conftest import REPO, TINY_CONFIG, run_job
 from pmss_dist.config import load_config
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.plan.planner import Setting, plan
-from pmss_dist.plan.shapes import resolve_hf_config
+from pmss_dist.plan.shapes import resolve_model_spec
 from pmss_dist.plan.timing import Cluster
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -83,10 +83,10 @@ def test_planner_predicts_what_the_real_run_allocates_and_moves(model_paths, tmp
     assert measured["grad_accum"] == accum
 
     cfg = load_config(TINY_CONFIG, keys)
-    hf_config, source = resolve_hf_config(cfg.model.path)
+    spec, source = resolve_model_spec(cfg.model.path)
     cluster = Cluster(nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gib=80, peak_tflops=100, intra_gbps=100,
                       inter_gbps=10)
-    result = plan(cfg, hf_config, cluster, model_name=model, model_source=source)
+    result = plan(cfg, spec, cluster, model_name=model, model_source=source)
     row = result.row(Setting(2, reshard, ac))
     assert row is not None and row.source == "measured", row
 

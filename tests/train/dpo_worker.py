@@ -31,7 +31,7 @@ from pmss_dist.train.trainer import rank_batches, release_output_dir, setup
 
 def brute_force(run, batches: list[dict], targets: float) -> tuple[torch.Tensor, dict]:
     pref, cfg = run.preference, run.cfg
-    base = build_model(run.hf_config, adapter=None, mesh=None, device=torch.device("cpu"),
+    base = build_model(run.model_spec, adapter=None, mesh=None, device=torch.device("cpu"),
                        dtype=getattr(torch, cfg.model.dtype), weights=run.base_dir, max_seq_len=cfg.data.seq_len)
     params = dict(run.model.named_parameters())
     trainable = {n: p for n, p in params.items() if p.requires_grad}

@@ -19,7 +19,7 @@ from pmss_dist.build import build_model
 from pmss_dist.config import adapter_spec, load_config
 from pmss_dist.eval.preference import PreferenceLoss
 from pmss_dist.hf.export import export_peft
-from pmss_dist.hf.load import read_hf_config
+from pmss_dist.hf.load import read_model_spec
 from pmss_dist.models.builtin import write_tiny_checkpoint
 
 WORKER = REPO / "tests" / "train" / "dpo_worker.py"
@@ -129,12 +129,12 @@ def test_label_smoothing_is_torchtunes_conservative_dpo():
 def test_the_reference_is_the_base_bit_for_bit(tmp_path, kind, quantize):
     # A quantized run's reference is its base as stored (quantized), as TRL's with a QLoRA model.
     base = write_tiny_checkpoint(tmp_path / "base", seed=0)
-    hf_config = read_hf_config(base)
+    spec = read_model_spec(base)
     cfg = load_config(TINY_CONFIG, [f"adapter.kind={kind}", "model.dtype=float32", f"model.quantize={quantize}"])
     tokens = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
 
     def model(adapter):
-        built = build_model(hf_config, adapter=adapter, mesh=None, device=torch.device("cpu"), dtype=torch.float32,
+        built = build_model(spec, adapter=adapter, mesh=None, device=torch.device("cpu"), dtype=torch.float32,
                             weights=base, max_seq_len=32)
         if adapter is not None and kind == "pmss":
             assign_skeletons(built, "deim")

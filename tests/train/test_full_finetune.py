@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FULL, run_direct, run_job, summary
 from pmss_dist.models.builtin import write_tiny_checkpoint
-from pmss_dist.hf.load import read_hf_config
+from pmss_dist.hf.load import read_model_spec
 from pmss_dist.hf.export import ExportError, export_full
 from pmss_dist.models import build_decoder
 
@@ -72,7 +72,7 @@ def test_export_is_the_trained_model_in_transformers(full_one_process):
     # The reference: our torchtune model holding the final checkpoint's tensors as they were
     # trained (torchtune layout, read straight from DCP); transformers loads the export.
     ckpt = full_one_process / "checkpoints" / "step_000008"
-    model = build_decoder(read_hf_config(full_one_process / "base_model"))
+    model = build_decoder(read_model_spec(full_one_process / "base_model"))
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})

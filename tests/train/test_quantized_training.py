@@ -20,7 +20,7 @@ from pmss_dist.build import build_model
 from pmss_dist.cli.export import main as export_main
 from pmss_dist.eval.model import load_eval_model
 from pmss_dist.hf.export import EXPORT_RECORD, ORIGINAL_WEIGHTS
-from pmss_dist.hf.load import read_hf_config
+from pmss_dist.hf.load import read_model_spec
 from pmss_dist.models.builtin import write_tiny_checkpoint
 from pmss_dist.train.run_dir import RunDir
 
@@ -95,7 +95,7 @@ def test_merged_export_is_the_model_the_run_trained(runs, fmt):
     # The reference: the trainer's own model, its base quantized as it loads, the run's cores on it.
     state, meta = read_adapter(run.adapter)
     spec = AdapterSpec(meta["kind"], tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]), fmt)
-    model = build_model(read_hf_config(base), adapter=spec, mesh=None, device=torch.device("cpu"),
+    model = build_model(read_model_spec(base), adapter=spec, mesh=None, device=torch.device("cpu"),
                         dtype=torch.float32, weights=base)
     load_adapter_state(model, state)
     model.eval()

@@ -57,17 +57,17 @@ def main(argv=None) -> int:
 
     from pmss_dist.plan.planner import plan
     from pmss_dist.plan.report import render, to_json
-    from pmss_dist.plan.shapes import resolve_hf_config
+    from pmss_dist.plan.shapes import resolve_model_spec
     from pmss_dist.plan.timing import Cluster
 
     try:
         cfg = load_config(args.config, args.overrides)
-        hf_config, source = resolve_hf_config(cfg.model.path, args.hf_config)
+        model_spec, source = resolve_model_spec(cfg.model.path, args.hf_config)
         cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
                           peak_tflops=args.peak_tflops, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
                           mfu=args.mfu, headroom=args.headroom)
         progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-        result = plan(cfg, hf_config, cluster, model_name=Path(cfg.model.path).name, model_source=source,
+        result = plan(cfg, model_spec, cluster, model_name=Path(cfg.model.path).name, model_source=source,
                       progress=progress, full_depth=args.full_depth)
     except ConfigError as err:
         print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -27,7 +27,8 @@ from pmss_dist.checkpoints.fingerprint import base_fingerprint
 from pmss_dist.config import SELECTION_METHODS, SVD_MODES
 from pmss_dist.console import launcher_rank, print_main
 from pmss_dist.files import OutputPathError, check_not_over_inputs, check_output_file
-from pmss_dist.hf.load import read_hf_config
+from pmss_dist.hf.load import read_model_spec
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.parallel.env import init_distributed, shutdown
 from pmss_dist.parallel.mesh import ParallelDims
 
@@ -70,14 +71,12 @@ def select(args: argparse.Namespace) -> None:
         check_output_file(args.out)
     except OutputPathError as err:
         raise _UserError(str(err)) from None
-    hf_config = _read_checkpoint(args.hf, read_hf_config, args.hf)
-    if not isinstance(hf_config, dict):
-        raise _UserError(f"--hf {args.hf}: config.json must hold a JSON object")
+    model_spec = _read_checkpoint(args.hf, read_model_spec, args.hf)
     spec = AdapterSpec("pmss", tuple(args.targets), args.k, float(args.k))
-    check_k(args.k, *_read_checkpoint(args.hf, smallest_target, hf_config, spec.targets))
+    check_k(args.k, *_read_checkpoint(args.hf, smallest_target, model_spec, spec.targets))
     env = init_distributed()
     mesh = ParallelDims.flat(env.world_size).build_mesh(env.device.type)
-    model = _read_checkpoint(args.hf, build_model, hf_config, adapter=spec, mesh=mesh, device=env.device,
+    model = _read_checkpoint(args.hf, build_model, model_spec, adapter=spec, mesh=mesh, device=env.device,
                              dtype=getattr(torch, args.dtype), weights=args.hf)
     try:
         selections = assign_skeletons(model, args.method, seed=args.seed, svd=args.svd, progress=env.is_main)
@@ -108,10 +107,10 @@ def _read_checkpoint(hf: Path, read, *args, **kwargs):
         raise _UserError(f"--hf {hf}: {detail}") from None
 
 
-def smallest_target(hf_config: dict, targets: tuple[str, ...]) -> tuple[str, int, int]:
+def smallest_target(model_spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, int, int]:
     """``(name, d_out, d_in)`` of the targeted matrix with the smallest side, from a build on the
     meta device (no memory, no weights read)."""
-    model = sharded_meta_model(hf_config, adapter=AdapterSpec("pmss", targets, 1, 1.0), mesh=None,
+    model = sharded_meta_model(model_spec, adapter=AdapterSpec("pmss", targets, 1, 1.0), mesh=None,
                                device=torch.device("cpu"), dtype=torch.float32)
     name, layer = min(adapter_layers(model).items(), key=lambda item: min(item[1].out_features, item[1].in_features))
     return name, layer.out_features, layer.in_features

@@ -11,7 +11,7 @@ from pmss_dist.adapters.io import load_adapter_state, read_adapter
 from pmss_dist.adapters.layers import AdapterSpec
 from pmss_dist.build import build_model
 from pmss_dist.checkpoints.fingerprint import check_base_fingerprint
-from pmss_dist.hf.load import read_hf_config
+from pmss_dist.hf.load import read_model_spec
 
 
 def load_eval_model(model_dir: str | Path, adapter_dir: str | Path | None, *, device: torch.device,
@@ -19,14 +19,14 @@ def load_eval_model(model_dir: str | Path, adapter_dir: str | Path | None, *, de
     """The decoder of ``model_dir`` with the adapter of ``adapter_dir`` (if any), in eval mode. With
     ``mesh`` the frozen weights are sharded with FSDP2 as in training (each rank reads only its
     rows); without, every process holds the whole model."""
-    hf_config = read_hf_config(model_dir)
+    model_spec = read_model_spec(model_dir)
     spec, state = None, None
     if adapter_dir is not None:
         state, meta = read_adapter(adapter_dir)
         check_base_fingerprint(f"adapter {adapter_dir}", meta.get("base_fingerprint"), model_dir,
                                "point --model at its base")
         spec = AdapterSpec(meta["kind"], tuple(meta["targets"]), int(meta["rank"]), float(meta["alpha"]))
-    model = build_model(hf_config, adapter=spec, mesh=mesh, device=device, dtype=dtype, weights=model_dir)
+    model = build_model(model_spec, adapter=spec, mesh=mesh, device=device, dtype=dtype, weights=model_dir)
     if state is not None:
         load_adapter_state(model, state)
     model.eval()

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directory -> GGUF file, written as llama.cpp's ``convert_hf_to_gguf.py``
 writes one, so that llama.cpp (and Ollama, LM Studio, ...) run it.
 
-The inverse of `to_hf`, from the same per-architecture tables (`to_hf.ARCHITECTURES`): tensor
+The inverse of `to_hf`, from the same per-architecture tables (`to_hf.ARCHITECTURES`, found by the
+family's ``GGUF_ARCH``: Mistral is written as llama, as llama.cpp's converter writes it): tensor
 names, q/k rows permuted to GGML's interleaved RoPE layout (llama), Gemma's norms stored as
 ``1 + w``, RoPE scaling as llama.cpp stores it (linear in metadata, Llama 3.1's as a ``rope_freqs``
 tensor, LongRoPE as ``rope_factors_long/short``), and the tokenizer from ``tokenizer.json``
@@ -26,16 +27,13 @@ import numpy as np
 import torch
 
 from pmss_dist.files import atomic_write, check_not_over_inputs
-from pmss_dist.gguf.to_hf import (ARCHITECTURES, BLOCK_LAYOUT, COMMON_FIELDS, GLOBAL_TENSORS, PRE_TOKENIZERS, REQUIRED, Architecture,
+from pmss_dist.gguf.to_hf import (ARCHITECTURES, BLOCK_LAYOUT, COMMON_FIELDS, PRE_TOKENIZERS, REQUIRED, Architecture,
                                   _DIGITS, _llama_cpp_rope_freqs)
-from pmss_dist.hf.load import open_safetensors, read_hf_config, weight_files
-from pmss_dist.models import declared_rope_scaling, declared_rope_theta, head_dim, tied_embeddings
-from pmss_dist.models.phi3 import longrope_parameters
+from pmss_dist.hf.load import open_safetensors, read_model_spec, weight_files
+from pmss_dist.models.spec import LinearScaling, Llama3Scaling, LongRoPEScaling, ModelSpec
 
 # --type -> (GGML type of 2-D weights, llama.cpp's general.file_type). 1-D tensors are F32 always.
 OUT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
-# HF classes llama.cpp's converter writes as another architecture.
-_WRITTEN_AS = {"MistralForCausalLM": "llama"}
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 Progress = Callable[[str], None]
@@ -60,16 +58,6 @@ class _Metadata:
             getattr(writer, method)(*args)
 
 
-def architecture_of(hf_config: dict) -> Architecture:
-    hf_class = (hf_config.get("architectures") or ["?"])[0]
-    name = _WRITTEN_AS.get(hf_class) or next((a.name for a in ARCHITECTURES.values() if a.hf_class == hf_class), None)
-    if name is None:
-        supported = sorted({a.hf_class for a in ARCHITECTURES.values()} | set(_WRITTEN_AS))
-        raise GGUFExportError(f"config.json: architecture {hf_class} has no GGUF writer here (supported: "
-                              f"{', '.join(supported)})")
-    return ARCHITECTURES[name]
-
-
 # ---------------------------------------------------------------------------------------------
 # config.json -> metadata
 # ---------------------------------------------------------------------------------------------
@@ -79,31 +67,32 @@ def _refuse(field: str, value, why: str) -> None:
                           "than this checkpoint, so no GGUF is written")
 
 
-def check_expressible(arch: Architecture, c: dict) -> list[str]:
+def check_expressible(arch: Architecture, spec: ModelSpec) -> list[str]:
     """Refuse what llama.cpp's reading of ``arch`` computes otherwise at every length; return notes
     on what it computes otherwise past a length (a sliding window it does not apply, as for the
     GGUFs llama.cpp's own converter writes of these models)."""
     notes = []
-    window = c.get("sliding_window")
-    windowed = {"llama": window is not None, "phi3": window is not None,
-                "qwen2": bool(c.get("use_sliding_window")), "qwen3": bool(c.get("use_sliding_window"))}
-    if windowed.get(arch.name) and window < c["max_position_embeddings"]:
-        notes.append(f"config.json: sliding_window={window}: llama.cpp's {arch.name} attends to the whole "
-                     f"context, so the GGUF computes this model only on sequences of up to {window} tokens")
-    for field in ("attention_bias", "mlp_bias"):
-        if c.get(field) and not (field == "attention_bias" and arch.biases):
-            _refuse(field, True, f"llama.cpp's {arch.name} reads no such biases here")
+    windows = [w for w in spec.windows if w is not None]
+    sliding = [w is not None for w in spec.windows]
+    if arch.name != "gemma2" and windows and spec.max_seq_len is not None and min(windows) < spec.max_seq_len:
+        notes.append(f"config.json: sliding_window={min(windows)}: llama.cpp's {arch.name} attends to the whole "
+                     f"context, so the GGUF computes this model only on sequences of up to {min(windows)} tokens")
+    for name in ("attention_bias", "mlp_bias"):
+        if spec.config.get(name) and not (name == "attention_bias" and arch.biases):
+            _refuse(name, True, f"llama.cpp's {arch.name} reads no such biases here")
     if arch.name == "gemma2":
-        n = c["num_hidden_layers"]
-        expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-        if c.get("layer_types") and list(c["layer_types"]) != expected:
-            _refuse("layer_types", c["layer_types"], "llama.cpp's gemma2 alternates sliding (even) and global layers")
-        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if field in c and c[field] is None:
-                _refuse(field, None, "llama.cpp's gemma2 always soft-caps")
-        llama_cpp_scalar = c["hidden_size"] // c["num_attention_heads"] if n == 46 else head_dim(c)
-        if c.get("query_pre_attn_scalar", llama_cpp_scalar) != llama_cpp_scalar:
-            _refuse("query_pre_attn_scalar", c["query_pre_attn_scalar"],
+        n = spec.num_layers
+        expected = [i % 2 == 0 for i in range(n)]
+        if any(sliding) and sliding != expected:
+            _refuse("layer_types", ["sliding_attention" if s else "full_attention" for s in sliding],
+                    "llama.cpp's gemma2 alternates sliding (even) and global layers")
+        caps = {"attn_logit_softcapping": spec.attn_softcap, "final_logit_softcapping": spec.final_softcap}
+        for name, cap in caps.items():
+            if cap is None:
+                _refuse(name, None, "llama.cpp's gemma2 always soft-caps")
+        llama_cpp_scalar = spec.dim // spec.num_heads if n == 46 else spec.head_dim
+        if spec.query_pre_attn_scalar != llama_cpp_scalar:
+            _refuse("query_pre_attn_scalar", spec.query_pre_attn_scalar,
                     f"llama.cpp's gemma2 scales queries by 1/sqrt({llama_cpp_scalar}) at this size")
     return notes
 
@@ -117,45 +106,42 @@ def _add_number(writer, key: str, value) -> None:
         writer.add_float32(key, value)
 
 
-def write_model_metadata(writer, arch: Architecture, c: dict) -> dict[str, np.ndarray]:
-    """The ``{arch}.*`` metadata; returns the RoPE tensors llama.cpp keeps as tensors instead."""
+def write_model_metadata(writer, arch: Architecture, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The ``{arch}.*`` metadata; returns the RoPE tensors llama.cpp keeps as tensors instead.
+    The fields `COMMON_FIELDS` and the architecture's table name are copied as config.json states
+    them; the rest is the spec's."""
     key = lambda name: f"{arch.name}.{name}"  # noqa: E731
-    theta = declared_rope_theta(c)
-    values = {**c, "rope_theta": theta}
+    rope = spec.rope
+    values = {**spec.config, "rope_theta": rope.theta}
     for hf_key, (gguf_key, default) in {**COMMON_FIELDS, **arch.fields}.items():
         if values.get(hf_key) is not None:
             _add_number(writer, key(gguf_key), values[hf_key])
         elif default is REQUIRED:
             raise GGUFExportError(f"config.json lacks {hf_key}, which a {arch.name} GGUF states")
-    dims = head_dim(c)
-    writer.add_uint32(key("attention.head_count_kv"), int(c.get("num_key_value_heads", c["num_attention_heads"])))
-    writer.add_uint32(key("attention.key_length"), dims)
-    writer.add_uint32(key("attention.value_length"), dims)
-    writer.add_uint32(key("vocab_size"), int(c["vocab_size"]))
-    scaling = declared_rope_scaling(c)
-    partial = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
-    rotary = int(dims * float(partial))
-    writer.add_uint32(key("rope.dimension_count"), rotary)
+    writer.add_uint32(key("attention.head_count_kv"), spec.num_kv_heads)
+    writer.add_uint32(key("attention.key_length"), spec.head_dim)
+    writer.add_uint32(key("attention.value_length"), spec.head_dim)
+    writer.add_uint32(key("vocab_size"), spec.vocab_size)
+    writer.add_uint32(key("rope.dimension_count"), rope.rotary_dim)
     if arch.name == "phi3":  # llama.cpp writes 0 for "no window" (Phi-4)
-        writer.add_uint32(key("attention.sliding_window"), int(c.get("sliding_window") or 0))
+        writer.add_uint32(key("attention.sliding_window"), int(spec.config.get("sliding_window") or 0))
     tensors: dict[str, np.ndarray] = {}
-    kind = scaling["rope_type"] if scaling else None
-    if kind == "linear":
+    scaling = rope.scaling
+    if isinstance(scaling, LinearScaling):
         writer.add_string(key("rope.scaling.type"), "linear")
-        writer.add_float32(key("rope.scaling.factor"), float(scaling["factor"]))
-    elif kind == "llama3":
+        writer.add_float32(key("rope.scaling.factor"), scaling.factor)
+    elif isinstance(scaling, Llama3Scaling):
         tensors["rope_freqs.weight"] = _llama_cpp_rope_freqs(
-            float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"]),
-            float(scaling["original_max_position_embeddings"]), theta, rotary)
-    elif kind == "longrope":
-        longrope = longrope_parameters(c, scaling)
-        if "original_max_position_embeddings" not in c:
-            writer.add_uint32(key("rope.scaling.original_context_length"), longrope["original_max_seq_len"])
-        writer.add_float32(key("rope.scaling.attn_factor"), longrope["attention_factor"])
+            scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, float(scaling.original_max_seq_len),
+            rope.theta, rope.rotary_dim)
+    elif isinstance(scaling, LongRoPEScaling):
+        if "original_max_position_embeddings" not in spec.config:
+            writer.add_uint32(key("rope.scaling.original_context_length"), scaling.original_max_seq_len)
+        writer.add_float32(key("rope.scaling.attn_factor"), scaling.attention_factor)
         for which in ("long", "short"):
-            tensors[f"rope_factors_{which}.weight"] = np.asarray(longrope[f"{which}_factor"], np.float32)
-    elif kind is not None:
-        raise GGUFExportError(f"config.json: rope_scaling type {kind!r} has no GGUF form here")
+            tensors[f"rope_factors_{which}.weight"] = np.asarray(getattr(scaling, f"{which}_factor"), np.float32)
+    elif scaling is not None:
+        raise GGUFExportError(f"config.json: rope_scaling type {scaling.kind!r} has no GGUF form here")
     return tensors
 
 
@@ -229,7 +215,7 @@ def _template_tokens(post: dict | None) -> set[str] | None:
     return {piece["SpecialToken"]["id"] for piece in templates[0]["single"] if "SpecialToken" in piece}
 
 
-def write_tokenizer_metadata(writer, arch: Architecture, hf_dir: Path, c: dict) -> None:
+def write_tokenizer_metadata(writer, arch: Architecture, hf_dir: Path, spec: ModelSpec) -> None:
     """``tokenizer.*`` from tokenizer.json and tokenizer_config.json, as llama.cpp reads it."""
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
@@ -242,7 +228,7 @@ def write_tokenizer_metadata(writer, arch: Architecture, hf_dir: Path, c: dict) 
     if model.get("type") != "BPE":
         raise GGUFExportError(f"{path}: model type {model.get('type')!r}; llama.cpp's vocabularies here are "
                               "BPE (byte-level or SentencePiece-style)")
-    vocab_size = int(c["vocab_size"])
+    vocab_size = spec.vocab_size
     ids = dict(model["vocab"])
     added = {t["content"]: t for t in tok.get("added_tokens", [])}
     ids.update({content: t["id"] for content, t in added.items()})
@@ -296,7 +282,7 @@ def write_tokenizer_metadata(writer, arch: Architecture, hf_dir: Path, c: dict) 
     for name, add_id, add_flag in (("bos", writer.add_bos_token_id, writer.add_add_bos_token),
                                    ("eos", writer.add_eos_token_id, writer.add_add_eos_token),
                                    ("pad", writer.add_pad_token_id, None)):
-        value = _special_id(name, c, side, ids)
+        value = _special_id(name, spec.config, side, ids)
         if value is None:
             continue
         add_id(int(value))
@@ -320,7 +306,7 @@ def write_tokenizer_metadata(writer, arch: Architecture, hf_dir: Path, c: dict) 
 def gguf_tensor_name(arch: Architecture, hf_name: str) -> str | None:
     """The GGUF name of an HF tensor; None for a tied head, which llama.cpp does not store."""
     module, _, suffix = hf_name.rpartition(".")
-    for gguf_leaf, hf_module in GLOBAL_TENSORS.items():
+    for gguf_leaf, hf_module in arch.global_tensors.items():
         if module == hf_module:
             return None if gguf_leaf == "output" and arch.tied_only else f"{gguf_leaf}.{suffix}"
     parts = module.split(".", 3)
@@ -337,13 +323,13 @@ def _llama_cpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
         weight.shape)
 
 
-def gguf_values(arch: Architecture, c: dict, hf_name: str, weight: torch.Tensor) -> np.ndarray:
+def gguf_values(arch: Architecture, spec: ModelSpec, hf_name: str, weight: torch.Tensor) -> np.ndarray:
     """An HF tensor's float32 values as llama.cpp stores them (before quantization)."""
     value = weight.float()
     if arch.permute_qk and hf_name.endswith("q_proj.weight"):
-        value = _llama_cpp_permute(value, c["num_attention_heads"])
+        value = _llama_cpp_permute(value, spec.num_heads)
     elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
-        value = _llama_cpp_permute(value, c.get("num_key_value_heads", c["num_attention_heads"]))
+        value = _llama_cpp_permute(value, spec.num_kv_heads)
     if arch.norm_offset and hf_name.endswith("norm.weight"):
         value = value + arch.norm_offset
     return value.contiguous().numpy()
@@ -386,14 +372,13 @@ def convert_hf_to_gguf(hf_dir: str | Path, out_path: str | Path, *, out_type: st
     if out_type not in OUT_TYPES:
         raise GGUFExportError(f"GGUF type {out_type!r} is not one of {', '.join(OUT_TYPES)}")
     check_not_over_inputs(out_path, {"the checkpoint": hf_dir}, "the GGUF file")
-    c = read_hf_config(hf_dir)
-    arch = architecture_of(c)
-    notes = check_expressible(arch, c)
+    spec = read_model_spec(hf_dir)
+    arch = ARCHITECTURES[spec.family.GGUF_ARCH]
+    notes = check_expressible(arch, spec)
     files = weight_files(hf_dir)
-    tied = tied_embeddings(c)
     plan = []  # (hf name, gguf name, shape, GGML type)
     for hf_name, path in sorted(files.items()):
-        if hf_name == "lm_head.weight" and tied:
+        if hf_name == "lm_head.weight" and spec.tied:
             continue  # a copy of the embedding some checkpoints carry; llama.cpp ties it itself
         name = gguf_tensor_name(arch, hf_name)
         if name is None:
@@ -406,9 +391,9 @@ def convert_hf_to_gguf(hf_dir: str | Path, out_path: str | Path, *, out_type: st
     metadata.add_name(hf_dir.name)
     metadata.add_file_type(OUT_TYPES[out_type][1])
     metadata.add_quantization_version(2)  # GGML_QNT_VERSION: Q8_0's layout
-    rope_tensors = write_model_metadata(metadata, arch, c)
+    rope_tensors = write_model_metadata(metadata, arch, spec)
     if tokenizer:
-        write_tokenizer_metadata(metadata, arch, hf_dir, c)
+        write_tokenizer_metadata(metadata, arch, hf_dir, spec)
     else:
         metadata.add_tokenizer_model("none")  # llama.cpp's "no vocabulary": it runs token ids only
 
@@ -425,7 +410,7 @@ def convert_hf_to_gguf(hf_dir: str | Path, out_path: str | Path, *, out_type: st
         writer.write_ti_data_to_file()
         for i, (hf_name, name, shape, kind) in enumerate(plan, 1):
             with open_safetensors(files[hf_name]) as f:
-                writer.write_tensor_data(_encode(gguf_values(arch, c, hf_name, f.get_tensor(hf_name)), kind))
+                writer.write_tensor_data(_encode(gguf_values(arch, spec, hf_name, f.get_tensor(hf_name)), kind))
             if i % 32 == 0 or i == len(plan):
                 say(f"  tensor {i}/{len(plan)}: {hf_name} -> {name} ({kind})")
         for values in rope_tensors.values():

@@ -3,10 +3,11 @@
 Writes ``config.json``, ``model.safetensors`` (float32), ``tokenizer.json`` and
 ``tokenizer_config.json`` so the result loads with ``transformers`` and with this library's
 ``hf_checkpoint`` reader. The architectures handled are the dense decoders in `ARCHITECTURES`
-(llama, qwen2, qwen3, gemma, gemma2, phi3), each described by one table: its HF class, its
-tensor names, what llama.cpp's ``convert_hf_to_gguf.py`` did to the values, its config fields
-and its RoPE scalings (`ROPE_SCALINGS`). Anything else fails with a clear error rather than
-producing a checkpoint that loads but computes something else.
+(llama, qwen2, qwen3, gemma, gemma2, phi3), each described by one table: its family (in
+`pmss_dist.models`: the HF class, ``model_type``, llama.cpp's name for it, the tensors its
+checkpoints hold), what llama.cpp's ``convert_hf_to_gguf.py`` did to the values, its config
+fields and its RoPE scalings (`ROPE_SCALINGS`). Anything else fails with a clear error rather
+than producing a checkpoint that loads but computes something else.
 
 What llama.cpp changes on the way in, and is undone here (per architecture in its table):
 
@@ -30,10 +31,15 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
+
+from pmss_dist.hf.keys import key_map
+from pmss_dist.models import gemma, gemma2, llama, phi3, qwen2, qwen3
 
 SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
 
@@ -132,25 +138,19 @@ COMMON_FIELDS = {
     "rope_theta": ("rope.freq_base", 10000.0),  # llama.cpp's default; Gemma files never state it
 }
 
-# GGUF global tensor -> HF name. ``output`` is absent when the head is tied to the embedding.
-GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
+# llama.cpp's name of each tensor, by the torchtune module it holds: a family's HF name for that
+# module is its `hf.keys.key_map`'s, so its GGUF tensors are the ones its HF checkpoints hold.
+# Global tensors (``output`` is absent when the head is tied to the embedding):
+GGUF_GLOBALS = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
+# Per-layer leaves, ``blk.{i}.LEAF.weight`` (and ``.bias`` where the family has one):
+GGUF_LEAVES = {
+    "sa_norm": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
+    "attn.output_proj": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
+    "sa_scale": "post_attention_norm", "mlp_norm": "ffn_norm", "mlp_scale": "post_ffw_norm",
+    "mlp.w1": "ffn_gate", "mlp.w3": "ffn_up", "mlp.w2": "ffn_down",
 }
-
-# Per-layer GGUF leaf (``blk.{i}.LEAF.weight``) -> HF module inside ``model.layers.{i}``.
-_LLAMA_LAYER = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+# A fused HF tensor (a family's ``FUSED``), which llama.cpp keeps fused, by its first part.
+GGUF_FUSED_LEAVES = {"attn.q_proj": "attn_qkv", "mlp.w1": "ffn_up"}
 
 
 @dataclass(frozen=True)
@@ -190,14 +190,13 @@ class Facts:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Everything the converter knows about one ``general.architecture``."""
-    name: str                      # general.architecture
-    hf_class: str                  # config.json "architectures"
-    model_type: str                # config.json "model_type"
-    layer: dict[str, str]          # per-layer GGUF leaf -> HF module under model.layers.{i}
-    biases: tuple[str, ...] = ()   # leaves whose .bias tensor the family always has
+    """Everything the converter knows about one ``general.architecture``: its family's facts
+    (`pmss_dist.models`) and what llama.cpp does with them."""
+    family: ModuleType             # the pmss_dist.models family read back from it
     tied_only: bool = False        # llama.cpp ties the head to the embedding whatever the file holds
-    permute_qk: bool = False       # llama.cpp permuted attn_q/attn_k rows (LlamaModel.permute)
+    # llama.cpp permuted attn_q/attn_k rows (LlamaModel.permute): its own layout, not torchtune's
+    # (the family's PERMUTED_QK), which also interleaves Gemma's
+    permute_qk: bool = False
     norm_offset: float = 0.0       # llama.cpp stored HF's ``*norm.weight`` + this
     head_dim_in_config: bool = True   # config.json has head_dim; else it must be hidden/heads
     partial_rotary: bool = False   # rope.dimension_count < head dim is expressible (phi3)
@@ -208,9 +207,53 @@ class Architecture:
     sentencepiece: str = "llama"   # how transformers builds this family's SentencePiece tokenizer
 
     @property
+    def name(self) -> str:  # general.architecture
+        return self.family.GGUF_ARCH
+
+    @property
+    def hf_class(self) -> str:  # config.json "architectures"
+        return self.family.ARCHITECTURE
+
+    @property
+    def model_type(self) -> str:
+        return self.family.MODEL_TYPE
+
+    @property
     def rope_tensors(self) -> tuple[str, ...]:
         """Global tensors that describe RoPE scaling: read into config.json, not written."""
         return tuple(name for kind in self.rope_scalings for name in ROPE_SCALINGS[kind][0])
+
+    @cached_property
+    def global_tensors(self) -> dict[str, str]:
+        """GGUF global tensor -> HF module."""
+        return {GGUF_GLOBALS[tune.rsplit(".", 1)[0]]: hf.rsplit(".", 1)[0]
+                for tune, hf in key_map(self.family).items() if not tune.startswith("layers.")}
+
+    @cached_property
+    def layer(self) -> dict[str, str]:
+        """Per-layer GGUF leaf -> HF module under ``model.layers.{i}``."""
+        return {leaf: hf_module for leaf, (hf_module, suffix) in self._layer_tensors if suffix == "weight"}
+
+    @cached_property
+    def biases(self) -> tuple[str, ...]:
+        """The leaves whose ``.bias`` tensor the family always has."""
+        return tuple(leaf for leaf, (_, suffix) in self._layer_tensors if suffix == "bias")
+
+    @cached_property
+    def _layer_tensors(self) -> list[tuple[str, tuple[str, str]]]:
+        """``(GGUF leaf, (HF module, "weight" or "bias"))`` for each layer tensor of the family."""
+        fused = getattr(self.family, "FUSED", {})
+        out = []
+        for tune, hf in key_map(self.family).items():
+            if not tune.startswith("layers."):
+                continue
+            module = tune.removeprefix("layers.{}.").rsplit(".", 1)[0]
+            if hf in fused and tune != fused[hf][0]:
+                continue  # a later part of a fused tensor: the tensor is named by its first
+            leaf = GGUF_FUSED_LEAVES[module] if hf in fused else GGUF_LEAVES[module]
+            hf_module, suffix = hf.removeprefix("model.layers.{}.").rsplit(".", 1)
+            out.append((leaf, (hf_module, suffix)))
+        return out
 
 
 def _decimal(value: float) -> float:
@@ -361,27 +404,19 @@ _NO_SLIDING_WINDOW = {"use_sliding_window": False, "sliding_window": None}
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
-        name="llama", hf_class="LlamaForCausalLM", model_type="llama",
-        layer=_LLAMA_LAYER, permute_qk=True,
+        llama, permute_qk=True,
         constants={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
         rope_scalings=("linear", "llama3"), sentencepiece="llama"),
     Architecture(
-        name="qwen2", hf_class="Qwen2ForCausalLM", model_type="qwen2",
-        layer=_LLAMA_LAYER, biases=("attn_q", "attn_k", "attn_v"), head_dim_in_config=False,
+        qwen2, head_dim_in_config=False,
         constants={"hidden_act": "silu", **_NO_SLIDING_WINDOW}),
     Architecture(
-        name="qwen3", hf_class="Qwen3ForCausalLM", model_type="qwen3",
-        layer={**_LLAMA_LAYER, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
-        constants={"hidden_act": "silu", "attention_bias": False, **_NO_SLIDING_WINDOW}),
+        qwen3, constants={"hidden_act": "silu", "attention_bias": False, **_NO_SLIDING_WINDOW}),
     Architecture(
-        name="gemma", hf_class="GemmaForCausalLM", model_type="gemma",
-        layer=_LLAMA_LAYER, tied_only=True, norm_offset=1.0,
+        gemma, tied_only=True, norm_offset=1.0,
         constants={"hidden_act": "gelu_pytorch_tanh", "attention_bias": False}, sentencepiece="gemma"),
     Architecture(
-        name="gemma2", hf_class="Gemma2ForCausalLM", model_type="gemma2",
-        layer={**_LLAMA_LAYER, "post_attention_norm": "post_attention_layernorm",
-               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
-        tied_only=True, norm_offset=1.0,
+        gemma2, tied_only=True, norm_offset=1.0,
         # defaults are llama.cpp's (llama-model.cpp) where the file may leave a field out
         fields={"sliding_window": ("attention.sliding_window", 4096),
                 "attn_logit_softcapping": ("attn_logit_softcapping", 50.0),
@@ -389,11 +424,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
         constants={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
         derived=_gemma2_derived, sentencepiece="gemma"),
     Architecture(
-        name="phi3", hf_class="Phi3ForCausalLM", model_type="phi3",
-        layer={"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
-               "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-               "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
-        head_dim_in_config=False, partial_rotary=True,
+        phi3, head_dim_in_config=False, partial_rotary=True,
         fields={"original_max_position_embeddings": ("rope.scaling.original_context_length", OMIT)},
         constants={"hidden_act": "silu"},
         derived=_phi3_derived,
@@ -500,10 +531,10 @@ def hf_tensor_name(arch: Architecture, gguf_name: str, n_layer: int) -> str | No
     if gguf_name in arch.rope_tensors:
         return None
     match = _GLOBAL_RE.match(gguf_name)
-    if match and match.group(1) in GLOBAL_TENSORS:
+    if match and match.group(1) in arch.global_tensors:
         if match.group(1) == "output" and arch.tied_only:
             return None
-        return f"{GLOBAL_TENSORS[match.group(1)]}.weight"
+        return f"{arch.global_tensors[match.group(1)]}.weight"
     match = _LAYER_RE.match(gguf_name)
     if match and int(match.group(1)) < n_layer and match.group(2) in arch.layer \
             and (match.group(3) == "weight" or match.group(2) in arch.biases):

@@ -42,10 +42,9 @@ from pmss_dist.adapters.layers import (ADAPTER_TENSORS, FULL, TARGET_ALIASES, lo
                                       pmss_factors, update_scale)
 from pmss_dist.adapters.quantize import as_stored
 from pmss_dist.files import atomic_write, check_not_over_inputs, publish_dir
-from pmss_dist.hf.keys import (HFRows, hf_rows, match_keys, permutation_for, row_permutations, to_hf_rows,
-                               tune_key_to_hf, tune_shapes)
-from pmss_dist.hf.load import copy_side_files, open_safetensors, read_hf_config, weight_files
-from pmss_dist.models import tied_embeddings
+from pmss_dist.hf.keys import HFRows, hf_rows, match_keys, permutation_for, to_hf_rows, tune_key_to_hf, tune_shapes
+from pmss_dist.hf.load import copy_side_files, open_safetensors, read_model_spec, weight_files
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.console import print_main
 from pmss_dist.checkpoints import storage
 from pmss_dist.checkpoints.fingerprint import check_base_fingerprint, read_safetensors_header
@@ -165,7 +164,7 @@ class TrainedBase:
         return to_hf_rows(as_stored(self.quantize, tune, self.dtype).to(weight.dtype), perm)
 
 
-def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, LayerUpdate]]:
+def read_updates(adapter_dir: Path, spec: ModelSpec) -> tuple[dict, dict[str, LayerUpdate]]:
     """The adapter's metadata and ``{torchtune layer: LayerUpdate}``. Every tensor of the adapter
     must map to an HF weight: an unknown tensor or layer is an error, never dropped."""
     state, meta = read_adapter(adapter_dir)
@@ -189,15 +188,15 @@ def read_updates(adapter_dir: Path, hf_config: dict) -> tuple[dict, dict[str, La
         layers.setdefault(layer, {})[attr] = value
     if not layers:
         raise ExportError(f"{where} holds no adapter tensors")
-    perms = row_permutations(hf_config)
-    rows_of = hf_rows(tune_shapes(hf_config), hf_config)
+    perms = spec.qk_permutations
+    rows_of = hf_rows(tune_shapes(spec), spec.family)
     updates = {}
     for layer, tensors in layers.items():
         missing = set(ADAPTER_TENSORS[kind]) - set(tensors)
         if missing:
             raise ExportError(f"{where}: layer {layer} lacks {sorted(missing)}")
         try:
-            hf_key = tune_key_to_hf(f"{layer}.weight", hf_config)
+            hf_key = tune_key_to_hf(f"{layer}.weight", spec.family)
         except KeyError as err:
             raise ExportError(f"{where}: layer {layer} has no Hugging Face name; refusing to drop it") from err
         if f"{layer}.weight" not in rows_of:
@@ -211,8 +210,7 @@ def _load(adapter_dir, base_dir, check_base: bool):
     """Parse and validate everything before a byte is written: config, adapter, that the adapter
     belongs to this base, and that every adapted weight exists with a fitting shape."""
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
-    hf_config = read_hf_config(base_dir)
-    meta, updates = read_updates(adapter_dir, hf_config)
+    meta, updates = read_updates(adapter_dir, read_model_spec(base_dir))
     if check_base:
         check_base_fingerprint(adapter_dir, meta.get("base_fingerprint"), base_dir, _BASE_FIX, ExportError)
     files = weight_files(base_dir)
@@ -385,7 +383,7 @@ def write_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | 
                           "fine-tuning: export its adapter (pmss-export --run) instead")
     if check_base:
         check_base_fingerprint(checkpoint_dir, record.base_fingerprint, base_dir, _BASE_FIX, ExportError)
-    hf_config = read_hf_config(base_dir)
+    spec = read_model_spec(base_dir)
     files = weight_files(base_dir)
     try:  # the restricted loader: a checkpoint is a file from elsewhere, its pickle may not run code
         metadata = storage.load_metadata(checkpoint_dir).state_dict_metadata
@@ -393,16 +391,16 @@ def write_full(checkpoint_dir: str | Path, base_dir: str | Path, out_dir: str | 
         raise ExportError(str(err)) from None
     shapes = {key.removeprefix("model."): tuple(metadata[key].size) for key in metadata if key.startswith("model.")}
     try:  # the same two-way check as loading: every trained tensor has a base tensor, and back
-        pairs = match_keys(shapes, files, hf_config, base_dir)
+        pairs = match_keys(shapes, files, spec, base_dir)
     except (KeyError, ValueError) as err:
         raise ExportError(f"{checkpoint_dir} does not hold the weights of {base_dir}: {err}") from err
     # HF tensor -> the trained tensors it is made of, in row order (several for a fused tensor).
     parts_of: dict[str, list[str]] = {}
     for tune, rows in sorted(pairs.items(), key=lambda item: item[1].start):
         parts_of.setdefault(rows.key, []).append(tune)
-    if tied_embeddings(hf_config) and "lm_head.weight" in files:
+    if spec.tied and "lm_head.weight" in files:
         parts_of["lm_head.weight"] = ["tok_embeddings.weight"]  # a tied copy the base carries: keep it equal
-    perms = row_permutations(hf_config)
+    perms = spec.qk_permutations
     paths = sorted(set(files.values()))
     mine = paths[rank::world_size]
     for i, path in enumerate(mine, 1):

@@ -15,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torchtune.models.convert_weights import _FROM_HF
 
 from pmss_dist.errors import HFCheckpointError
-from pmss_dist.models import build_decoder, head_dim, model_family, tied_embeddings
+from pmss_dist.models import build_decoder
+from pmss_dist.models.spec import ModelSpec
 
 # torchtune key (with "{}" for the layer) -> HF key, shared by every family: torchtune's own map.
 # A family module adds or replaces keys in ``HF_KEYS`` (Qwen2's q/k/v biases, Gemma 2's norms, ...).
@@ -35,18 +37,17 @@ def _template(key: str) -> tuple[str, str | None]:
     return (key.replace(f".{layer}.", ".{}.", 1) if layer is not None else key), layer
 
 
-def key_map(hf_config: dict) -> dict[str, str]:
-    """torchtune key template -> HF key template for the family ``hf_config`` describes; every part
-    of a fused tensor maps to that tensor's key."""
-    family = model_family(hf_config)
+def key_map(family: ModuleType) -> dict[str, str]:
+    """torchtune key template -> HF key template for ``family`` (a `pmss_dist.models.FAMILIES`
+    entry); every part of a fused tensor maps to that tensor's key."""
     fused = {part: hf for hf, parts in getattr(family, "FUSED", {}).items() for part in parts}
     return {**COMMON_KEYS, **getattr(family, "HF_KEYS", {}), **fused}
 
 
-def tune_key_to_hf(key: str, hf_config: dict) -> str:
+def tune_key_to_hf(key: str, family: ModuleType) -> str:
     """``layers.3.attn.q_proj.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     template, layer = _template(key)
-    keys = key_map(hf_config)
+    keys = key_map(family)
     if template not in keys:
         raise KeyError(f"no Hugging Face name for parameter {key!r}: export would drop it")
     return keys[template].format(layer)
@@ -68,15 +69,14 @@ class HFRows:
         return self.stop - self.start != self.shape[0]
 
 
-def hf_rows(tune_shapes: Mapping[str, Sequence[int]], hf_config: dict) -> dict[str, HFRows]:
+def hf_rows(tune_shapes: Mapping[str, Sequence[int]], family: ModuleType) -> dict[str, HFRows]:
     """``{torchtune name: HFRows}`` for parameters of the given (whole, unsharded) shapes. The parts
     of a fused tensor follow each other in the family's ``FUSED`` order; all of them must be given."""
-    family = model_family(hf_config)
     parts_of = {part: parts for parts in getattr(family, "FUSED", {}).values() for part in parts}
     out = {}
     for name, shape in tune_shapes.items():
         template, layer = _template(name)
-        hf_key = tune_key_to_hf(name, hf_config)
+        hf_key = tune_key_to_hf(name, family)
         if template not in parts_of:
             out[name] = HFRows(hf_key, 0, shape[0] if len(shape) else 0, tuple(shape))
             continue
@@ -90,27 +90,12 @@ def hf_rows(tune_shapes: Mapping[str, Sequence[int]], hf_config: dict) -> dict[s
     return out
 
 
-def tune_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
-    """The base parameters' names and shapes of the model ``hf_config`` describes (a meta build:
-    no memory), for callers that have no model, such as export."""
+def tune_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The base parameters' names and shapes of the model ``spec`` describes (a meta build: no
+    memory), for callers that have no model, such as export."""
     with torch.device("meta"):
-        model = build_decoder(hf_config)
+        model = build_decoder(spec)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
-def qk_row_permutation(n_heads: int, hd: int) -> torch.Tensor:
-    """``perm[t]`` is the HF row that becomes torchtune row ``t`` (interleaved RoPE pairs)."""
-    return torch.arange(n_heads * hd).view(n_heads, 2, hd // 2).transpose(1, 2).reshape(-1)
-
-
-def row_permutations(hf_config: dict) -> dict[str, torch.Tensor]:
-    """``{"q_proj": perm, "k_proj": perm}`` for families whose q/k rows are permuted, else ``{}``."""
-    if not model_family(hf_config).PERMUTED_QK:
-        return {}
-    hd = head_dim(hf_config)
-    n_heads = hf_config["num_attention_heads"]
-    n_kv = hf_config.get("num_key_value_heads", n_heads)
-    return {"q_proj": qk_row_permutation(n_heads, hd), "k_proj": qk_row_permutation(n_kv, hd)}
 
 
 def permutation_for(tune_key: str, perms: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -125,17 +110,17 @@ def to_hf_rows(rows: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return rows if perm is None else torch.empty_like(rows).index_copy_(0, perm, rows)
 
 
-def match_keys(tune_shapes: Mapping[str, Sequence[int]], files: dict[str, Path], hf_config: dict,
+def match_keys(tune_shapes: Mapping[str, Sequence[int]], files: dict[str, Path], spec: ModelSpec,
                ckpt_dir: Path) -> dict[str, HFRows]:
     """``{torchtune name: HFRows}`` for every base parameter (name -> whole shape); fails naming the
     first parameter the checkpoint lacks or the first checkpoint tensor the model has no place for."""
     layers = {int(layer) for layer in (_template(key)[1] for key in files if key.startswith("model.layers."))
               if layer is not None}
-    if layers and max(layers) + 1 != hf_config["num_hidden_layers"]:
-        raise HFCheckpointError(f"{ckpt_dir}: config.json's num_hidden_layers={hf_config['num_hidden_layers']}, "
+    if layers and max(layers) + 1 != spec.num_layers:
+        raise HFCheckpointError(f"{ckpt_dir}: config.json's num_hidden_layers={spec.num_layers}, "
                                 f"but the checkpoint holds layers 0..{max(layers)}: config.json contradicts the "
                                 f"weights; set num_hidden_layers to {max(layers) + 1}")
-    pairs = hf_rows(tune_shapes, hf_config)
+    pairs = hf_rows(tune_shapes, spec.family)
     missing = [f"{rows.key} (for {name})" for name, rows in pairs.items() if rows.key not in files]
     if missing:
         raise HFCheckpointError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
@@ -143,10 +128,10 @@ def match_keys(tune_shapes: Mapping[str, Sequence[int]], files: dict[str, Path],
                                 "another model")
     used = {rows.key for rows in pairs.values()}
     unused = [k for k in files if k not in used and _template(k)[0] not in _DERIVED_HF_KEYS
-              and not (k == "lm_head.weight" and tied_embeddings(hf_config))]
+              and not (k == "lm_head.weight" and spec.tied)]
     if unused:
         where = files[unused[0]]
         raise HFCheckpointError(f"{where}: tensor(s) {unused[:3]} have no place in the "
-                                f"{model_family(hf_config).ARCHITECTURE} model that config.json describes (e.g. "
+                                f"{spec.family.ARCHITECTURE} model that config.json describes (e.g. "
                                 "attention_bias/mlp_bias, which the torchtune builder lacks); refusing to drop them")
     return pairs

@@ -24,9 +24,10 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from pmss_dist.adapters.layers import adapter_layers, plain_name
-from pmss_dist.hf.keys import HFRows, match_keys, permutation_for, row_permutations
+from pmss_dist.hf.keys import HFRows, match_keys, permutation_for
 from pmss_dist.errors import HFCheckpointError
-from pmss_dist.models import build_decoder, check_hf_config, shape_fields
+from pmss_dist.models import build_decoder, model_spec
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.models.builtin import BYTE_TOKENIZER_FILE
 
 SINGLE_FILE = "model.safetensors"
@@ -42,8 +43,8 @@ class MissingHFFile(HFCheckpointError, FileNotFoundError):
     that report missing files)."""
 
 
-def read_hf_config(ckpt_dir: str | Path) -> dict:
-    """config.json of a checkpoint directory, its shared fields checked (`check_hf_config`)."""
+def read_model_spec(ckpt_dir: str | Path) -> ModelSpec:
+    """The `ModelSpec` of a checkpoint directory's config.json, read and checked once (`model_spec`)."""
     path = Path(ckpt_dir) / "config.json"
     if not path.is_file():
         raise MissingHFFile(f"{path} not found: model.path must be an HF checkpoint directory "
@@ -52,8 +53,7 @@ def read_hf_config(ckpt_dir: str | Path) -> dict:
         config = json.loads(path.read_bytes())
     except ValueError as err:  # not JSON, or not UTF-8
         raise HFCheckpointError(f"{path} is not valid JSON ({err}): restore the model's own config.json") from err
-    check_hf_config(config, where=str(path))
-    return config
+    return model_spec(config, where=str(path))
 
 
 def weight_files(ckpt_dir: str | Path) -> dict[str, Path]:
@@ -153,14 +153,14 @@ def _read_rows(handle, rows: HFRows, start: int, stop: int, perm: torch.Tensor |
 
 
 def check_hf_weights(tune_shapes: Mapping[str, Sequence[int]], ckpt_dir: str | Path,
-                     hf_config: dict) -> tuple[dict[str, Path], dict[str, HFRows]]:
+                     spec: ModelSpec) -> tuple[dict[str, Path], dict[str, HFRows]]:
     """Match every base parameter (torchtune name -> whole shape) to its checkpoint tensor and
     compare shapes, from the safetensors headers alone, so that a config.json contradicting its
     weights fails before anything is allocated or read, naming the fields that set the shape.
     Returns `weight_files` and `match_keys`'s pairs."""
     ckpt_dir = Path(ckpt_dir)
     files = weight_files(ckpt_dir)
-    pairs = match_keys(tune_shapes, files, hf_config, ckpt_dir)
+    pairs = match_keys(tune_shapes, files, spec, ckpt_dir)
     by_file: dict[Path, list[str]] = {}
     for name, rows in pairs.items():
         by_file.setdefault(files[rows.key], []).append(name)
@@ -176,7 +176,7 @@ def check_hf_weights(tune_shapes: Mapping[str, Sequence[int]], ckpt_dir: str | P
                 if full_shape != tuple(rows.shape):
                     # A fused tensor's shape is set by the fields of all its parts.
                     parts = [n for n, r in pairs.items() if r.key == rows.key]
-                    fields = dict.fromkeys(f for n in parts for f in shape_fields(n, hf_config).split(", "))
+                    fields = dict.fromkeys(f for n in parts for f in spec.shape_fields(n).split(", "))
                     raise HFCheckpointError(f"{path}: {rows.key} has shape {full_shape}, but config.json's "
                                             f"{', '.join(fields)} give {tuple(rows.shape)} for {', '.join(parts)}: "
                                             "config.json contradicts the weights; correct those fields")
@@ -184,11 +184,11 @@ def check_hf_weights(tune_shapes: Mapping[str, Sequence[int]], ckpt_dir: str | P
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, ckpt_dir: str | Path, hf_config: dict) -> None:
+def load_hf_weights(model: nn.Module, ckpt_dir: str | Path, spec: ModelSpec) -> None:
     """Copy the base weights of ``ckpt_dir`` into ``model`` (plain tensors or FSDP2 shards), each
     rank reading only the rows it owns, converted to the model's dtype. Adapter tensors (cores,
     LoRA factors) are left alone: `reset_adapters` initialises them."""
-    reader = BaseReader(model, ckpt_dir, hf_config)
+    reader = BaseReader(model, ckpt_dir, spec)
     adapted = {f"{name}.weight": layer for name, layer in adapter_layers(model).items()}
     for name, param in reader.params.items():
         value = reader.rows(name)
@@ -203,11 +203,11 @@ class BaseReader:
     """Reads, for each base parameter of ``model``, the rows this rank holds of it from the HF
     checkpoint ``ckpt_dir`` (checked against the model first, `check_hf_weights`), as stored there."""
 
-    def __init__(self, model: nn.Module, ckpt_dir: str | Path, hf_config: dict):
+    def __init__(self, model: nn.Module, ckpt_dir: str | Path, spec: ModelSpec):
         self.params = base_parameters(model)
         self.files, self.pairs = check_hf_weights({name: p.shape for name, p in self.params.items()},
-                                                  Path(ckpt_dir), hf_config)
-        self.perms = row_permutations(hf_config)
+                                                  Path(ckpt_dir), spec)
+        self.perms = spec.qk_permutations
         self.handles: dict[Path, object] = {}
 
     def rows(self, name: str) -> torch.Tensor:
@@ -222,11 +222,11 @@ class BaseReader:
             raise ValueError(f"cannot read {hf_key} from {path}: {err}") from err
 
 
-def original_weights(model: nn.Module, ckpt_dir: str | Path, hf_config: dict):
+def original_weights(model: nn.Module, ckpt_dir: str | Path, spec: ModelSpec):
     """Adapter layer name -> this rank's part of its weight as the HF checkpoint holds it (before
     any quantization), in the layer's dtype and the layout of the layer's parameter: what skeleton
     selection of a quantized base reads, one layer at a time."""
-    reader = BaseReader(model, ckpt_dir, hf_config)
+    reader = BaseReader(model, ckpt_dir, spec)
     layers = adapter_layers(model)
 
     def read(name: str) -> torch.Tensor:
@@ -267,12 +267,12 @@ def hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, progress: bool = True) ->
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if out_dir.resolve() == hf_dir.resolve():
         raise ValueError(f"--out {out_dir} is the HF checkpoint itself; choose a new directory")
-    hf_config = read_hf_config(hf_dir)
+    spec = read_model_spec(hf_dir)
     files = weight_files(hf_dir)
     with torch.device("meta"):
-        model = build_decoder(hf_config)
+        model = build_decoder(spec)
     params = base_parameters(model)
-    pairs = match_keys({name: p.shape for name, p in params.items()}, files, hf_config, hf_dir)
+    pairs = match_keys({name: p.shape for name, p in params.items()}, files, spec, hf_dir)
     handles = {path: open_safetensors(path) for path in sorted(set(files.values()))}
     placeholders = {}
     for name, rows in pairs.items():
@@ -284,7 +284,7 @@ def hf_to_dcp(hf_dir: str | Path, out_dir: str | Path, progress: bool = True) ->
         # Same shape and dtype as the converted tensor: DCP plans from these, reads come later.
         placeholders[name] = torch.empty(tuple(params[name].shape), dtype=_SAFETENSORS_DTYPES[sliced.get_dtype()],
                                          device="meta")
-    perms = row_permutations(hf_config)
+    perms = spec.qk_permutations
 
     def read(name: str) -> torch.Tensor:
         rows = pairs[name]

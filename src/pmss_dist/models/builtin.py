@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_hf
 
 from pmss_dist.files import atomic_write
-from pmss_dist.models import build_decoder
+from pmss_dist.models import build_decoder, model_spec
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
@@ -43,7 +43,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, **overrides) -> Pa
     config = {**TINY_CONFIG, **overrides}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_decoder(config)
+        model = build_decoder(model_spec(config))
         # Small normal init (as Llama pretraining) instead of torchtune's uniform defaults, and
         # norm scales with some spread, so skeleton selection sees a realistic, non-flat matrix.
         for name, p in model.named_parameters():

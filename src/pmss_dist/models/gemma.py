@@ -2,12 +2,14 @@
 
 from torchtune.models.gemma import gemma
 
+from pmss_dist.models.spec import ModelSpec
+
 ARCHITECTURE = "GemmaForCausalLM"
+MODEL_TYPE = "gemma"
+GGUF_ARCH = "gemma"
 PERMUTED_QK = True
 TIED_BY_DEFAULT = True
 
 
-def build(hf_config: dict, **common):
-    from pmss_dist.models import head_dim
-
-    return gemma(**common, head_dim=head_dim(hf_config))
+def build(spec: ModelSpec, max_seq_len: int):
+    return gemma(**spec.torchtune_args(max_seq_len), head_dim=spec.head_dim)

@@ -24,8 +24,11 @@ from torchtune.modules import (RotaryPositionalEmbeddings, TiedLinear, Transform
 
 from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
+from pmss_dist.models.spec import ModelSpec
 
 ARCHITECTURE = "Gemma2ForCausalLM"
+MODEL_TYPE = "gemma2"
+GGUF_ARCH = "gemma2"
 PERMUTED_QK = True  # torchtune's RoPE rotates interleaved pairs, HF halves
 TIED_BY_DEFAULT = True
 # torchtune's layer applies sa_norm -> attn -> sa_scale and mlp_norm -> mlp -> mlp_scale; these
@@ -51,58 +54,52 @@ class SoftCappedLogits:
         return self.cap * torch.tanh(self.output(h) / self.cap)
 
 
-def _setting(hf_config: dict, key: str):
-    return hf_config.get(key, _DEFAULTS[key])
-
-
-def check(hf_config: dict) -> None:
-    """Refuse what this builder does not model, naming the config.json field."""
+def read_fields(c: dict, num_layers: int) -> dict:
+    """The caps, query scale and windows, after refusing what this builder does not model, naming
+    the config.json field."""
     arch = ARCHITECTURE
-    if not hf_config.get("tie_word_embeddings", TIED_BY_DEFAULT):
+    if not c.get("tie_word_embeddings", TIED_BY_DEFAULT):
         raise HFCheckpointError(f"config.json sets tie_word_embeddings: false; pmss_dist builds {arch} with the output "
                                 "tied to the embedding, as every released Gemma 2 is: use a tied checkpoint")
-    if hf_config.get("attention_bias"):
+    if c.get("attention_bias"):
         raise HFCheckpointError(f"config.json sets attention_bias: true; pmss_dist builds {arch} without attention "
                                 "biases, as released: use a checkpoint without them")
-    act = hf_config.get("hidden_activation") or "gelu_pytorch_tanh"  # transformers ignores hidden_act here
+    act = c.get("hidden_activation") or "gelu_pytorch_tanh"  # transformers ignores hidden_act here
     if act != "gelu_pytorch_tanh":
         raise HFCheckpointError(f"config.json sets hidden_activation: {act!r}; pmss_dist builds {arch} with the tanh "
                                 "GELU of the released models: set hidden_activation: gelu_pytorch_tanh")
-    if hf_config.get("use_bidirectional_attention"):
+    if c.get("use_bidirectional_attention"):
         raise HFCheckpointError(f"config.json sets use_bidirectional_attention: true; pmss_dist trains {arch} as a "
                                 "causal decoder: set it to false")
-
-
-def build(hf_config: dict, *, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-          embed_dim: int, max_seq_len: int, intermediate_dim: int, norm_eps: float,
-          rope_base: float) -> TransformerDecoder:
-    from pmss_dist.models import head_dim as config_head_dim
-
-    check(hf_config)
-    hd = config_head_dim(hf_config)
-    rope = RotaryPositionalEmbeddings(dim=hd, max_seq_len=max_seq_len, base=rope_base)
-    layers = nn.ModuleList()
-    for _ in range(num_layers):
-        attn = Gemma2Attention(
-            embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hd,
-            q_proj=nn.Linear(embed_dim, num_heads * hd, bias=False),
-            k_proj=nn.Linear(embed_dim, num_kv_heads * hd, bias=False),
-            v_proj=nn.Linear(embed_dim, num_kv_heads * hd, bias=False),
-            output_proj=nn.Linear(num_heads * hd, embed_dim, bias=False),
-            pos_embeddings=rope, max_seq_len=max_seq_len, sliding_window_size=None,  # a mask hook, below
-            softcapping=_setting(hf_config, "attn_logit_softcapping"),
-            query_pre_attn_scalar=_setting(hf_config, "query_pre_attn_scalar"))
-        layers.append(TransformerSelfAttentionLayer(
-            attn=attn, mlp=gemma_mlp(dim=embed_dim, hidden_dim=intermediate_dim),
-            sa_norm=GemmaRMSNorm(embed_dim, eps=norm_eps), sa_scale=GemmaRMSNorm(embed_dim, eps=norm_eps),
-            mlp_norm=GemmaRMSNorm(embed_dim, eps=norm_eps), mlp_scale=GemmaRMSNorm(embed_dim, eps=norm_eps)))
-    tok_embeddings = GemmaNormEmbeddings(vocab_size, embed_dim)
-    cap = _setting(hf_config, "final_logit_softcapping")
-    output = TiedLinear(tok_embeddings)
-    model = TransformerDecoder(tok_embeddings=tok_embeddings, layers=layers, max_seq_len=max_seq_len,
-                               num_heads=num_heads, head_dim=hd, norm=GemmaRMSNorm(embed_dim, eps=norm_eps),
-                               output=SoftCappedLogits(output, cap) if cap is not None else output)
+    setting = {key: c.get(key, default) for key, default in _DEFAULTS.items()}
     # Files without layer_types (before transformers 5): every even layer slides, as transformers assumes.
-    add_sliding_windows(model, layer_windows(hf_config, _setting(hf_config, "sliding_window"),
-                                             [i % 2 == 0 for i in range(num_layers)]))
+    return {"attn_softcap": setting["attn_logit_softcapping"], "final_softcap": setting["final_logit_softcapping"],
+            "query_pre_attn_scalar": setting["query_pre_attn_scalar"],
+            "windows": layer_windows(c, setting["sliding_window"], [i % 2 == 0 for i in range(num_layers)])}
+
+
+def build(spec: ModelSpec, max_seq_len: int) -> TransformerDecoder:
+    hd, dim, heads, kv_heads, eps = spec.head_dim, spec.dim, spec.num_heads, spec.num_kv_heads, spec.norm_eps
+    rope = RotaryPositionalEmbeddings(dim=hd, max_seq_len=max_seq_len, base=spec.rope.theta)
+    layers = nn.ModuleList()
+    for _ in range(spec.num_layers):
+        attn = Gemma2Attention(
+            embed_dim=dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+            q_proj=nn.Linear(dim, heads * hd, bias=False),
+            k_proj=nn.Linear(dim, kv_heads * hd, bias=False),
+            v_proj=nn.Linear(dim, kv_heads * hd, bias=False),
+            output_proj=nn.Linear(heads * hd, dim, bias=False),
+            pos_embeddings=rope, max_seq_len=max_seq_len, sliding_window_size=None,  # a mask hook, below
+            softcapping=spec.attn_softcap, query_pre_attn_scalar=spec.query_pre_attn_scalar)
+        layers.append(TransformerSelfAttentionLayer(
+            attn=attn, mlp=gemma_mlp(dim=dim, hidden_dim=spec.hidden_dim),
+            sa_norm=GemmaRMSNorm(dim, eps=eps), sa_scale=GemmaRMSNorm(dim, eps=eps),
+            mlp_norm=GemmaRMSNorm(dim, eps=eps), mlp_scale=GemmaRMSNorm(dim, eps=eps)))
+    tok_embeddings = GemmaNormEmbeddings(spec.vocab_size, dim)
+    output = TiedLinear(tok_embeddings)
+    cap = spec.final_softcap
+    model = TransformerDecoder(tok_embeddings=tok_embeddings, layers=layers, max_seq_len=max_seq_len,
+                               num_heads=heads, head_dim=hd, norm=GemmaRMSNorm(dim, eps=eps),
+                               output=SoftCappedLogits(output, cap) if cap is not None else output)
+    add_sliding_windows(model, spec.windows)
     return model

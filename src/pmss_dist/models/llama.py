@@ -6,41 +6,31 @@ from torchtune.models.llama3 import llama3
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import TiedLinear
 
-from pmss_dist.errors import HFCheckpointError
+from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "LlamaForCausalLM"
+MODEL_TYPE = "llama"
+GGUF_ARCH = "llama"
 # HF rotates halves, torchtune interleaved pairs: q/k rows are permuted on import and export.
 PERMUTED_QK = True
 ROPE_SCALING = ("llama3",)
-# The fields of a llama3 scaling that transformers requires (it has no default for them).
-LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor")
 
 
-def build(hf_config: dict, **common):
-    from pmss_dist.models import check_head_dim_derived, head_dim, rope_scaling
-
-    check_head_dim_derived(hf_config, "llama3")
-    scaling = rope_scaling(hf_config)
+def build(spec: ModelSpec, max_seq_len: int):
+    check_head_dim_derived(spec, "llama3")
+    scaling = spec.rope.scaling  # a Llama3Scaling, or None
     if scaling is None:
-        model = llama3(**common)
+        model = llama3(**spec.torchtune_args(max_seq_len))
     else:
-        missing = [k for k in LLAMA3_FIELDS if scaling.get(k) is None]
-        if missing:
-            raise HFCheckpointError(f"config.json: rope_scaling of type 'llama3' lacks {missing}; "
-                                    "copy them from the model's original config.json")
-        # As transformers: a top-level original_max_position_embeddings wins, then the scaling's,
-        # then max_position_embeddings.
-        original = (hf_config.get("original_max_position_embeddings")
-                    or scaling.get("original_max_position_embeddings") or hf_config["max_position_embeddings"])
-        model = llama3_1(**common, scale_factor=scaling["factor"])
+        model = llama3_1(**spec.torchtune_args(max_seq_len), scale_factor=scaling.factor)
         # torchtune's builder fixes the frequency factors and the original length at Llama 3.1's
         # values (1, 4, 8192); one RoPE with this checkpoint's four, shared as the builder shares its.
-        rope = Llama3ScaledRoPE(dim=head_dim(hf_config), max_seq_len=common["max_seq_len"], base=common["rope_base"],
-                                scale_factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
-                                high_freq_factor=scaling["high_freq_factor"], old_context_len=original)
+        rope = Llama3ScaledRoPE(dim=spec.head_dim, max_seq_len=max_seq_len, base=spec.rope.theta,
+                                scale_factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+                                high_freq_factor=scaling.high_freq_factor, old_context_len=scaling.original_max_seq_len)
         for layer in model.layers:
             layer.attn.pos_embeddings = rope
-    if hf_config.get("tie_word_embeddings", False):
+    if spec.tied:
         del model.output  # a registered nn.Linear; TiedLinear is a plain callable
         model.output = TiedLinear(model.tok_embeddings)
     return model

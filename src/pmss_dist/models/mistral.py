@@ -3,18 +3,22 @@
 from torchtune.models.mistral import mistral
 
 from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
+from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "MistralForCausalLM"
+MODEL_TYPE = "mistral"
+GGUF_ARCH = "llama"  # llama.cpp's converter writes Mistral as llama (a llama GGUF reads back as Llama)
 PERMUTED_QK = True
 # transformers' MistralConfig default, for a config.json without the key (null: no window).
 DEFAULT_SLIDING_WINDOW = 4096
 
 
-def build(hf_config: dict, **common):
-    from pmss_dist.models import check_head_dim_derived
+def read_fields(c: dict, num_layers: int) -> dict:
+    return {"windows": layer_windows(c, c.get("sliding_window", DEFAULT_SLIDING_WINDOW), [True] * num_layers)}
 
-    check_head_dim_derived(hf_config, "mistral")
-    model = mistral(**common)
-    window = hf_config.get("sliding_window", DEFAULT_SLIDING_WINDOW)
-    add_sliding_windows(model, layer_windows(hf_config, window, [True] * common["num_layers"]))
+
+def build(spec: ModelSpec, max_seq_len: int):
+    check_head_dim_derived(spec, "mistral")
+    model = mistral(**spec.torchtune_args(max_seq_len))
+    add_sliding_windows(model, spec.windows)
     return model

@@ -5,8 +5,6 @@ partial rotary (Phi-4-mini) as transformers computes them."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torchtune.models.phi3 import phi3
@@ -14,8 +12,11 @@ from torchtune.modules import TiedLinear
 
 from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
+from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "Phi3ForCausalLM"
+MODEL_TYPE = "phi3"
+GGUF_ARCH = "phi3"
 # torchtune's Phi3 RoPE rotates halves, as HF does: no permutation.
 PERMUTED_QK = False
 # "su" is the name older Phi-3 configs give LongRoPE (transformers reads it as "longrope").
@@ -29,45 +30,28 @@ FUSED = {
 }
 
 
-def build(hf_config: dict, **common):
-    from pmss_dist.models import check_head_dim_derived, head_dim, rope_scaling
-
-    c = hf_config
-    check_head_dim_derived(c, "phi3")
-    model = phi3(**common)
-    scaling = rope_scaling(c)
-    partial = float((c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
-    if scaling is not None or partial != 1.0:
-        # One module shared by every layer, as torchtune's builder shares its own.
-        rope = Phi3RoPE(int(head_dim(c) * partial), common["max_seq_len"], common["rope_base"],
-                        **(longrope_parameters(c, scaling) if scaling is not None else {}))
-        for layer in model.layers:
-            layer.attn.pos_embeddings = rope
+def read_fields(c: dict, num_layers: int) -> dict:
     # transformers' Phi3Config has no window unless config.json sets one, then on every layer.
-    add_sliding_windows(model, layer_windows(c, c.get("sliding_window"), [True] * common["num_layers"]))
-    if c.get("tie_word_embeddings", False):
+    return {"windows": layer_windows(c, c.get("sliding_window"), [True] * num_layers)}
+
+
+def build(spec: ModelSpec, max_seq_len: int):
+    check_head_dim_derived(spec, "phi3")
+    model = phi3(**spec.torchtune_args(max_seq_len))
+    rope, scaling = spec.rope, spec.rope.scaling  # a LongRoPEScaling, or None
+    if scaling is not None or rope.rotary_dim != spec.head_dim:
+        # One module shared by every layer, as torchtune's builder shares its own.
+        longrope = {} if scaling is None else dict(
+            short_factor=scaling.short_factor, long_factor=scaling.long_factor,
+            attention_factor=scaling.attention_factor, original_max_seq_len=scaling.original_max_seq_len)
+        shared = Phi3RoPE(rope.rotary_dim, max_seq_len, rope.theta, **longrope)
+        for layer in model.layers:
+            layer.attn.pos_embeddings = shared
+    add_sliding_windows(model, spec.windows)
+    if spec.tied:
         del model.output  # a registered nn.Linear; TiedLinear is a plain callable
         model.output = TiedLinear(model.tok_embeddings)
     return model
-
-
-def longrope_parameters(hf_config: dict, scaling: dict) -> dict:
-    """`Phi3RoPE`'s LongRoPE arguments, read as transformers reads them: the pre-training length is
-    the top-level ``original_max_position_embeddings`` (else the scaling's, else the maximum), the
-    attention factor defaults to ``sqrt(1 + ln(factor) / ln(original))`` with ``factor`` the
-    context extension ``max_position_embeddings / original``."""
-    c = hf_config
-    original = c.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings") \
-        or c["max_position_embeddings"]
-    factor = scaling.get("factor") or c["max_position_embeddings"] / original
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    missing = [k for k in ("short_factor", "long_factor") if not scaling.get(k)]
-    if missing:
-        raise HFCheckpointError(f"config.json: rope_scaling of type {scaling['rope_type']!r} lacks {missing}")
-    return dict(short_factor=scaling["short_factor"], long_factor=scaling["long_factor"],
-                attention_factor=float(attention), original_max_seq_len=int(original))
 
 
 class Phi3RoPE(nn.Module):
@@ -87,7 +71,7 @@ class Phi3RoPE(nn.Module):
                 raise HFCheckpointError(f"config.json: rope_scaling {name} has {len(factors)} entries, the rotary "
                                         f"dimension {rotary_dim} needs {n}")
         self.rotary_dim, self.max_seq_len, self.base = rotary_dim, max_seq_len, base
-        self.short_factor, self.long_factor = short_factor or [1.0] * n, long_factor
+        self.short_factor, self.long_factor = short_factor or (1.0,) * n, long_factor
         self.attention_factor, self.original_max_seq_len = attention_factor, original_max_seq_len
         self.rope_init()
 

@@ -5,8 +5,11 @@ Qwen2.5 checkpoints leave it off)."""
 from torchtune.models.qwen2 import qwen2
 
 from pmss_dist.models.sliding_window import add_sliding_windows, layer_windows
+from pmss_dist.models.spec import ModelSpec, check_head_dim_derived
 
 ARCHITECTURE = "Qwen2ForCausalLM"
+MODEL_TYPE = "qwen2"
+GGUF_ARCH = "qwen2"
 # torchtune's Qwen2 rotates halves, as HF does: no permutation.
 PERMUTED_QK = False
 # Beyond the common map: the q/k/v biases.
@@ -16,21 +19,17 @@ DEFAULT_SLIDING_WINDOW = 4096
 DEFAULT_MAX_WINDOW_LAYERS = 28
 
 
-def build(hf_config: dict, **common):
-    from pmss_dist.models import check_head_dim_derived
-
-    c = hf_config
-    check_head_dim_derived(c, "qwen2")
-    model = qwen2(**common, tie_word_embeddings=c.get("tie_word_embeddings", False))
-    add_sliding_windows(model, sliding_windows(c, common["num_layers"]))
-    return model
-
-
-def sliding_windows(hf_config: dict, num_layers: int) -> list[int | None]:
+def read_fields(c: dict, num_layers: int) -> dict:
     """Each layer's window as transformers' Qwen2Config reads config.json (Qwen3Config reads it the
     same way, with the same defaults)."""
-    c = hf_config
     # transformers ignores sliding_window (Qwen2.5 ships 131072 or 32768) unless use_sliding_window.
     window = c.get("sliding_window", DEFAULT_SLIDING_WINDOW) if c.get("use_sliding_window", False) else None
     first_sliding = c.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS)
-    return layer_windows(c, window, [i >= first_sliding for i in range(num_layers)])
+    return {"windows": layer_windows(c, window, [i >= first_sliding for i in range(num_layers)])}
+
+
+def build(spec: ModelSpec, max_seq_len: int):
+    check_head_dim_derived(spec, "qwen2")
+    model = qwen2(**spec.torchtune_args(max_seq_len), tie_word_embeddings=spec.tied)
+    add_sliding_windows(model, spec.windows)
+    return model

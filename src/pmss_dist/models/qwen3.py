@@ -22,8 +22,11 @@ from torchtune.modules import (MultiHeadAttention, RMSNorm, TiedLinear, Transfor
 from pmss_dist.errors import HFCheckpointError
 from pmss_dist.models import qwen2
 from pmss_dist.models.sliding_window import add_sliding_windows
+from pmss_dist.models.spec import ModelSpec
 
 ARCHITECTURE = "Qwen3ForCausalLM"
+MODEL_TYPE = "qwen3"
+GGUF_ARCH = "qwen3"
 # Qwen2's RoPE in torchtune rotates halves, as HF does: no permutation, and the q/k norm weights
 # keep HF's feature order too.
 PERMUTED_QK = False
@@ -59,42 +62,37 @@ class Qwen3Attention(MultiHeadAttention):
         return self.output_proj(out.transpose(1, 2).contiguous().view(b, s_x, -1))
 
 
-def check(hf_config: dict) -> None:
-    """Refuse what this builder does not model, naming the config.json field."""
+def read_fields(c: dict, num_layers: int) -> dict:
+    """Qwen2's windows, after refusing what this builder does not model, naming the config.json field."""
     arch = ARCHITECTURE
-    if hf_config.get("attention_bias"):
+    if c.get("attention_bias"):
         raise HFCheckpointError(f"config.json sets attention_bias: true; pmss_dist builds {arch} without q/k/v/o "
                                 "biases (released Qwen3 models have none): use a checkpoint without them")
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise HFCheckpointError(f"config.json sets hidden_act: {hf_config['hidden_act']!r}; pmss_dist builds {arch} "
+    if c.get("hidden_act", "silu") != "silu":
+        raise HFCheckpointError(f"config.json sets hidden_act: {c['hidden_act']!r}; pmss_dist builds {arch} "
                                 "with the SiLU of the released models: set hidden_act: silu")
+    return qwen2.read_fields(c, num_layers)
 
 
-def build(hf_config: dict, *, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-          embed_dim: int, max_seq_len: int, intermediate_dim: int, norm_eps: float,
-          rope_base: float) -> TransformerDecoder:
-    from pmss_dist.models import head_dim as config_head_dim
-
-    check(hf_config)
-    hd = config_head_dim(hf_config)
-    rope = Qwen2RotaryPositionalEmbeddings(dim=hd, max_seq_len=max_seq_len, base=rope_base)
+def build(spec: ModelSpec, max_seq_len: int) -> TransformerDecoder:
+    hd, dim, heads, kv_heads, eps = spec.head_dim, spec.dim, spec.num_heads, spec.num_kv_heads, spec.norm_eps
+    rope = Qwen2RotaryPositionalEmbeddings(dim=hd, max_seq_len=max_seq_len, base=spec.rope.theta)
     layers = nn.ModuleList()
-    for _ in range(num_layers):
+    for _ in range(spec.num_layers):
         attn = Qwen3Attention(
-            embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hd,
-            q_proj=nn.Linear(embed_dim, num_heads * hd, bias=False),
-            k_proj=nn.Linear(embed_dim, num_kv_heads * hd, bias=False),
-            v_proj=nn.Linear(embed_dim, num_kv_heads * hd, bias=False),
-            output_proj=nn.Linear(num_heads * hd, embed_dim, bias=False),
-            pos_embeddings=rope, q_norm=RMSNorm(hd, eps=norm_eps), k_norm=RMSNorm(hd, eps=norm_eps),
+            embed_dim=dim, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+            q_proj=nn.Linear(dim, heads * hd, bias=False),
+            k_proj=nn.Linear(dim, kv_heads * hd, bias=False),
+            v_proj=nn.Linear(dim, kv_heads * hd, bias=False),
+            output_proj=nn.Linear(heads * hd, dim, bias=False),
+            pos_embeddings=rope, q_norm=RMSNorm(hd, eps=eps), k_norm=RMSNorm(hd, eps=eps),
             max_seq_len=max_seq_len)
         layers.append(TransformerSelfAttentionLayer(
-            attn=attn, mlp=qwen2_mlp(dim=embed_dim, hidden_dim=intermediate_dim),
-            sa_norm=RMSNorm(embed_dim, eps=norm_eps), mlp_norm=RMSNorm(embed_dim, eps=norm_eps)))
-    tok_embeddings = nn.Embedding(vocab_size, embed_dim)
-    tied = hf_config.get("tie_word_embeddings", False)
-    output = TiedLinear(tok_embeddings) if tied else nn.Linear(embed_dim, vocab_size, bias=False)
+            attn=attn, mlp=qwen2_mlp(dim=dim, hidden_dim=spec.hidden_dim),
+            sa_norm=RMSNorm(dim, eps=eps), mlp_norm=RMSNorm(dim, eps=eps)))
+    tok_embeddings = nn.Embedding(spec.vocab_size, dim)
+    output = TiedLinear(tok_embeddings) if spec.tied else nn.Linear(dim, spec.vocab_size, bias=False)
     model = TransformerDecoder(tok_embeddings=tok_embeddings, layers=layers, max_seq_len=max_seq_len,
-                               num_heads=num_heads, head_dim=hd, norm=RMSNorm(embed_dim, eps=norm_eps), output=output)
-    add_sliding_windows(model, qwen2.sliding_windows(hf_config, num_layers))
+                               num_heads=heads, head_dim=hd, norm=RMSNorm(dim, eps=eps), output=output)
+    add_sliding_windows(model, spec.windows)
     return model

@@ -47,30 +47,23 @@ def _apply_window(window: int, attn: MultiHeadAttention, args: tuple, kwargs: di
     return args, kwargs
 
 
-def add_sliding_windows(model: TransformerDecoder, windows: list[int | None]) -> None:
+def add_sliding_windows(model: TransformerDecoder, windows: tuple[int | None, ...]) -> None:
     """Give layer ``i`` a sliding window of ``windows[i]`` tokens (``None``: full attention)."""
     if len(windows) != len(model.layers):
         raise ValueError(f"{len(windows)} sliding windows for {len(model.layers)} layers")
     for layer, window in zip(model.layers, windows):
         if window is not None:
-            if window < 1:
-                raise HFCheckpointError(f"config.json: sliding_window {window} must be a positive number of tokens")
             layer.attn.register_forward_pre_hook(partial(_apply_window, window), with_kwargs=True)
 
 
-def attention_windows(model: TransformerDecoder) -> list[int | None]:
-    """The window `add_sliding_windows` gave each layer of ``model`` (``None``: full attention);
-    wrappers (activation checkpointing, FSDP2) pass the attribute through."""
-    return [next((h.args[0] for h in layer.attn._forward_pre_hooks.values()
-                  if isinstance(h, partial) and h.func is _apply_window), None) for layer in model.layers]
-
-
-def layer_windows(hf_config: dict, window: int | None, default_sliding: list[bool]) -> list[int | None]:
-    """Each layer's window: ``window`` for the layers that config.json's ``layer_types``
-    (transformers 5.x files) calls ``sliding_attention``, or without it for ``default_sliding``
-    (the family's rule for older files); ``None`` everywhere when ``window`` is ``None``."""
+def layer_windows(c: dict, window: int | None, default_sliding: list[bool]) -> tuple[int | None, ...]:
+    """Each layer's window, as a family reads config.json ``c``: ``window`` for the layers that
+    ``layer_types`` (transformers 5.x files) calls ``sliding_attention``, or without it for
+    ``default_sliding`` (the family's rule for older files); ``None`` everywhere when ``window`` is ``None``."""
+    if window is not None and window < 1:
+        raise HFCheckpointError(f"config.json: sliding_window {window} must be a positive number of tokens")
     n = len(default_sliding)
-    types = hf_config.get("layer_types")
+    types = c.get("layer_types")
     if types is None:
         sliding = default_sliding
     else:
@@ -80,4 +73,4 @@ def layer_windows(hf_config: dict, window: int | None, default_sliding: list[boo
                                     f"of the {n} layers (num_hidden_layers); got {len(types)} entries"
                                     + (f", unknown {unknown}" if unknown else ""))
         sliding = [t == "sliding_attention" for t in types]
-    return [window if s and window is not None else None for s in sliding]
+    return tuple(window if s and window is not None else None for s in sliding)

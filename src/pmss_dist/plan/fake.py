@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from pmss_dist.build import materialize, sharded_meta_model
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.parallel.mesh import REPLICATE, SHARD, ParallelDims
 
 # Fake tensors live on the CPU: the device type only picks kernels' meta functions; sizes are the same.
@@ -52,13 +53,13 @@ def mesh_groups(mesh: DeviceMesh | None) -> list[dist.ProcessGroup]:
     return groups
 
 
-def fake_model(hf_config: dict, *, fake_mode: FakeTensorMode, **build_args) -> torch.nn.Module:
+def fake_model(model_spec: ModelSpec, *, fake_mode: FakeTensorMode, **build_args) -> torch.nn.Module:
     """`build_model` in its two halves, the second under ``fake_mode``: ``build_args`` are
     `sharded_meta_model`'s (adapter, mesh, dtype, parallel, max_seq_len); no weights are read."""
-    model = sharded_meta_model(hf_config, device=FAKE_DEVICE, **build_args)
-    return materialize(model, hf_config, device=FAKE_DEVICE, storage_mode=fake_mode)
+    model = sharded_meta_model(model_spec, device=FAKE_DEVICE, **build_args)
+    return materialize(model, model_spec, device=FAKE_DEVICE, storage_mode=fake_mode)
 
 
-def meta_model(hf_config: dict, **build_args) -> torch.nn.Module:
+def meta_model(model_spec: ModelSpec, **build_args) -> torch.nn.Module:
     """The first half only: sharded on the meta device, for sizes (each rank's shard bytes)."""
-    return sharded_meta_model(hf_config, device=FAKE_DEVICE, **build_args)
+    return sharded_meta_model(model_spec, device=FAKE_DEVICE, **build_args)

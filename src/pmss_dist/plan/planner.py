@@ -45,7 +45,7 @@ from pmss_dist.build import parameter_bytes
 from pmss_dist.errors import ConfigError
 from pmss_dist.eval.preference import preference_loss
 from pmss_dist.config import AC_MODES, ParallelConfig, TrainConfig, adapter_spec, check_world_size
-from pmss_dist.models.sliding_window import attention_windows
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.parallel.mesh import REPLICATE, SHARD, ParallelDims
 from pmss_dist.parallel.parallelize import resolve_reshard_after_forward
 from pmss_dist.plan.comms import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, Collective, CommVolume, step_volume
@@ -140,9 +140,9 @@ def valid_dp_shards(world_size: int, gpus_per_node: int) -> list[int]:
 class _Context:
     """What every probe of one plan shares: the config, the model, the fake world's meshes."""
 
-    def __init__(self, cfg: TrainConfig, hf_config: dict, cluster: Cluster, grad_accum: int):
+    def __init__(self, cfg: TrainConfig, model_spec: ModelSpec, cluster: Cluster, grad_accum: int):
         a = cfg.adapter
-        self.cfg, self.hf_config, self.cluster, self.grad_accum = cfg, hf_config, cluster, grad_accum
+        self.cfg, self.model_spec, self.cluster, self.grad_accum = cfg, model_spec, cluster, grad_accum
         self.depths: tuple[int, int] | None = None  # set by `plan` for a model whose steps are sampled
         self.spec = adapter_spec(cfg)
         self.full = a.kind == FULL
@@ -164,21 +164,21 @@ class _Context:
 
     def probe(self, setting: Setting) -> StepProfile:
         if self.depths is not None:
-            shallow, deep = (self._probe(setting, _with_depth(self.hf_config, d)) for d in self.depths)
-            extrapolated = at_depth(shallow, deep, self.depths, self.hf_config["num_hidden_layers"])
+            shallow, deep = (self._probe(setting, _with_depth(self.model_spec, d)) for d in self.depths)
+            extrapolated = at_depth(shallow, deep, self.depths, self.model_spec.num_layers)
             if extrapolated is not None:
                 return extrapolated
             self.depths = None  # blocks not alike after all: this and every later step at full depth
-        return self._probe(setting, self.hf_config)
+        return self._probe(setting, self.model_spec)
 
-    def _probe(self, setting: Setting, hf_config: dict) -> StepProfile:
+    def _probe(self, setting: Setting, model_spec: ModelSpec) -> StepProfile:
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        model = fake_model(hf_config, fake_mode=fake_mode, **self.build_args(setting))
+        model = fake_model(model_spec, fake_mode=fake_mode, **self.build_args(setting))
         o, d = self.cfg.optim, self.cfg.data
         profile = profile_step(model, fake_mode=fake_mode,
                                optim_args=dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay),
                                micro_batch=d.micro_batch_size, seq_len=d.seq_len,
-                               vocab_size=hf_config["vocab_size"], packed=d.packed, grad_accum=self.grad_accum,
+                               vocab_size=model_spec.vocab_size, packed=d.packed, grad_accum=self.grad_accum,
                                grad_clip=o.grad_clip, groups=mesh_groups(self.mesh(setting.dp_shard)),
                                preference=preference_loss(self.cfg.objective))
         del model
@@ -189,7 +189,7 @@ class _Context:
         """Per-rank parameter bytes on ``dp_shard`` from a meta build: frozen, trained, and the
         padded size of everything FSDP2 gathers (its all-gathers' payload, in storage dtype)."""
         setting = Setting(dp_shard, True, "none")
-        model = meta_model(self.hf_config, **self.build_args(setting))
+        model = meta_model(self.model_spec, **self.build_args(setting))
         params = list(model.parameters())
         sharded = [p for p in params if isinstance(p, DTensor)]
         # FSDP2 all-gathers floating weights in the compute dtype (full fine-tuning's fp32 masters
@@ -208,17 +208,17 @@ class _Context:
         return roles
 
 
-def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str, model_source: str,
+def plan(cfg: TrainConfig, model_spec: ModelSpec, cluster: Cluster, *, model_name: str, model_source: str,
          progress=None, full_depth: bool = False) -> Plan:
-    """Plan ``cfg`` (a loaded run config) for the model ``hf_config`` on ``cluster``; with
+    """Plan ``cfg`` (a loaded run config) for the model ``model_spec`` on ``cluster``; with
     ``full_depth``, every fake step at the model's own depth (never sampled)."""
     started = time.perf_counter()
     _check_cluster(cluster)
     world, g = cluster.world_size, cluster.gpus_per_node
     grad_accum = check_world_size(cfg, world)
     say = progress or (lambda message: None)
-    ctx = _Context(cfg, hf_config, cluster, grad_accum)
-    total_bytes = parameter_bytes(hf_config, adapter=ctx.spec, dtype=ctx.dtype)
+    ctx = _Context(cfg, model_spec, cluster, grad_accum)
+    total_bytes = parameter_bytes(model_spec, adapter=ctx.spec, dtype=ctx.dtype)
     shard = ParallelDims.resolve(cfg.parallel, world, g, total_bytes, cluster.memory_bytes).shard
     reshard = resolve_reshard_after_forward(cfg.parallel.reshard_after_forward, total_bytes, cluster.memory_bytes)
     config_setting = Setting(shard, None if shard == 1 and not ctx.full else reshard,
@@ -226,16 +226,16 @@ def plan(cfg: TrainConfig, hf_config: dict, cluster: Cluster, *, model_name: str
     candidates = valid_dp_shards(world, g)
 
     with fake_world(world):
-        whole = meta_model(hf_config, **ctx.build_args(Setting(1, True, "none")))
+        whole = meta_model(model_spec, **ctx.build_args(Setting(1, True, "none")))
         unsplittable = {s: why for s in candidates if (why := _split_refusal(whole, ctx.spec.quantize, s))}
         if shard in unsplittable:
             raise ConfigError(unsplittable[shard])  # the config's own mesh: its run would be refused the same way
         candidates = [s for s in candidates if s not in unsplittable]
         counts = count_parameters(whole)
-        peft_flops = flops_per_token(whole, hf_config, cfg.data.seq_len,
+        peft_flops = flops_per_token(whole, model_spec, cfg.data.seq_len,
                                      reference_forward=preference_loss(cfg.objective) is not None)
         if not full_depth:
-            ctx.depths = _sampled_depths(hf_config["num_hidden_layers"], attention_windows(whole), cfg.data.seq_len)
+            ctx.depths = _sampled_depths(model_spec.num_layers, model_spec.windows, cfg.data.seq_len)
         del whole
         shards = {s: ctx.shards(s) for s in candidates}
         groups = {s: ctx.groups(s) for s in candidates}
@@ -292,7 +292,7 @@ def _split_refusal(model: torch.nn.Module, fmt: str, dp_shard: int) -> str | Non
     return None
 
 
-def _sampled_depths(num_layers: int, windows: list[int | None], seq_len: int) -> tuple[int, int] | None:
+def _sampled_depths(num_layers: int, windows: tuple[int | None, ...], seq_len: int) -> tuple[int, int] | None:
     """`SAMPLED_DEPTHS` where they save time and the blocks are alike; ``None``: the full depth.
     A window shorter than the sequence makes its layers' masks (`models.sliding_window`), so
     layers with and without one differ."""
@@ -301,12 +301,9 @@ def _sampled_depths(num_layers: int, windows: list[int | None], seq_len: int) ->
     return SAMPLED_DEPTHS
 
 
-def _with_depth(hf_config: dict, depth: int) -> dict:
-    """The same model ``depth`` blocks deep (config.json's per-layer ``layer_types`` cut to it)."""
-    shallow = {**hf_config, "num_hidden_layers": depth}
-    if "layer_types" in hf_config:
-        shallow["layer_types"] = hf_config["layer_types"][:depth]
-    return shallow
+def _with_depth(model_spec: ModelSpec, depth: int) -> ModelSpec:
+    """The same model ``depth`` blocks deep, its first ``depth`` layers' windows."""
+    return replace(model_spec, num_layers=depth, windows=model_spec.windows[:depth])
 
 
 # Predicted step times within this fraction of the fastest count as equal: the model cannot tell them

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from pmss_dist.config import BUILTIN_TINY
 from pmss_dist.errors import ConfigError
+from pmss_dist.models import model_spec
 from pmss_dist.models.builtin import TINY_CONFIG
+from pmss_dist.models.spec import ModelSpec
 
 # Llama 3.1's RoPE scaling, shared by 3.1 and 3.3 (config.json's rope_scaling).
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -38,20 +40,20 @@ KNOWN_CONFIGS["Llama-3.1-70B"] = KNOWN_CONFIGS["Llama-3.3-70B-Instruct"]
 KNOWN_CONFIGS["Llama-3.1-405B-Instruct"] = KNOWN_CONFIGS["Llama-3.1-405B"]
 
 
-def resolve_hf_config(model_path: str, hf_config_file: str | Path | None = None) -> tuple[dict, str]:
-    """``(config.json as a dict, where it came from)`` for the model a run config names."""
+def resolve_model_spec(model_path: str, hf_config_file: str | Path | None = None) -> tuple[ModelSpec, str]:
+    """``(the model's spec, where its config.json came from)`` for the model a run config names."""
     if hf_config_file is not None:
         path = Path(hf_config_file)
         if not path.is_file():
             raise ConfigError(f"--hf-config {path}: no such file (give a model's config.json)")
-        return json.loads(path.read_text()), str(path)
+        return model_spec(json.loads(path.read_text()), where=str(path)), str(path)
     if model_path == BUILTIN_TINY:
-        return dict(TINY_CONFIG), "the built-in tiny model"
+        return model_spec(TINY_CONFIG), "the built-in tiny model"
     path = Path(model_path) / "config.json"
     if path.is_file():
-        return json.loads(path.read_text()), str(path)
+        return model_spec(json.loads(path.read_text()), where=str(path)), str(path)
     name = Path(model_path).name
     if name in KNOWN_CONFIGS:
-        return dict(KNOWN_CONFIGS[name]), f"the published shape of {name} (pmss_dist.plan.shapes)"
+        return model_spec(KNOWN_CONFIGS[name]), f"the published shape of {name} (pmss_dist.plan.shapes)"
     raise ConfigError(f"model.path={model_path}: no config.json there and {name!r} is not a known model "
                       f"({', '.join(sorted(KNOWN_CONFIGS))}); pass --hf-config path/to/config.json")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pmss_dist.adapters.layers import adapter_layers
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.parallel.grads import replicated_parameters
 
 # Dense bf16 peak FLOP/s per device, for MFU. Devices not listed (CPUs included) report no MFU.
@@ -33,7 +34,7 @@ def peft_flops_per_token(frozen_matmul_params: int, adapter_flops_per_token: int
     return flops + (2 * frozen_matmul_params + attention if reference_forward else 0)
 
 
-def flops_per_token(model, hf_config: dict, seq_len: int, reference_forward: bool = False) -> float:
+def flops_per_token(model, model_spec: ModelSpec, seq_len: int, reference_forward: bool = False) -> float:
     """`peft_flops_per_token` of ``model`` as built (adapters swapped in, sharded or not): frozen
     matmul weights at 4N, trained ones (full fine-tuning) and adapter work at 6N."""
     frozen = adapter = 0
@@ -47,8 +48,7 @@ def flops_per_token(model, hf_config: dict, seq_len: int, reference_forward: boo
             frozen += p.numel()
     for layer in adapter_layers(model).values():
         adapter += 2 * layer.flops_per_token()
-    return peft_flops_per_token(frozen, adapter, hf_config["num_hidden_layers"], hf_config["hidden_size"], seq_len,
-                                reference_forward)
+    return peft_flops_per_token(frozen, adapter, model_spec.num_layers, model_spec.dim, seq_len, reference_forward)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

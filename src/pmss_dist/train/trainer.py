@@ -34,8 +34,9 @@ from pmss_dist.eval.loss import evaluate_loss
 from pmss_dist.eval.preference import PREFERENCE_STATS, PreferenceLoss, evaluate_preference, preference_loss
 from pmss_dist.files import begin_staged, file_sha256, publish_dir, publish_staged, staging_dir
 from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
-from pmss_dist.hf.load import original_weights, read_hf_config
+from pmss_dist.hf.load import original_weights, read_model_spec
 from pmss_dist.models.builtin import write_tiny_checkpoint
+from pmss_dist.models.spec import ModelSpec
 from pmss_dist.console import print_main
 from pmss_dist.parallel.env import DistEnv, init_distributed, shutdown
 from pmss_dist.parallel.grads import replicated_parameters, trainable_parameters
@@ -204,7 +205,7 @@ class Run:
     tokenizer: object
     checkpoints: CheckpointManager
     base_dir: Path
-    hf_config: dict
+    model_spec: ModelSpec
     fingerprint: str
     grad_accum: int
     preference: PreferenceLoss | None  # a dpo run's loss; None: the token loss
@@ -257,7 +258,7 @@ def _select_or_load_skeletons(run: Run) -> None:
             print_main(f"reusing skeleton selection from the cache: {cache.path}")
     selected = selections is None
     # A quantized base is selected on its original weights, read again from the base's files.
-    original = original_weights(run.model, run.base_dir, run.hf_config) if cfg.model.quantize != "none" else None
+    original = original_weights(run.model, run.base_dir, run.model_spec) if cfg.model.quantize != "none" else None
     selections = assign_skeletons(run.model, cfg.adapter.method, seed=cfg.seed, svd=cfg.adapter.svd,
                                   selections=selections, progress=env.is_main, original=original)
     if env.is_main:
@@ -279,15 +280,15 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"model.path={cfg.model.path} has no config.json: point it at a Hugging Face checkpoint "
                           f"directory (config.json and *.safetensors) or use {BUILTIN_TINY}")
-    hf_config = read_hf_config(base_dir)
-    check_seq_len(cfg, hf_config)  # before the RoPE caches and batches of seq_len are made
+    model_spec = read_model_spec(base_dir)
+    check_seq_len(cfg, model_spec)  # before the RoPE caches and batches of seq_len are made
     fingerprint = agreed_fingerprint(base_dir, env)
     spec, dtype = adapter_spec(cfg), getattr(torch, cfg.model.dtype)
     dims = ParallelDims.resolve(cfg.parallel, env.world_size, local_world_size(),
-                                parameter_bytes(hf_config, adapter=spec, dtype=dtype), rank_memory_bytes(env.device))
+                                parameter_bytes(model_spec, adapter=spec, dtype=dtype), rank_memory_bytes(env.device))
     print_main(f"data-parallel mesh: dp_replicate={dims.replicate} x dp_shard={dims.shard}")
     mesh = dims.training_mesh(env.device.type, full_finetune=spec.kind == FULL)
-    model = build_model(hf_config, adapter=spec, mesh=mesh, device=env.device, dtype=dtype, parallel=cfg.parallel,
+    model = build_model(model_spec, adapter=spec, mesh=mesh, device=env.device, dtype=dtype, parallel=cfg.parallel,
                         weights=base_dir, max_seq_len=cfg.data.seq_len, seed=cfg.seed)
 
     params = trainable_parameters(model)
@@ -304,7 +305,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
                                               DATA_KEY: samples_fingerprint(dataset),
                                               TOKENIZER_KEY: tokenizer_fingerprint(base_dir)})
     run = Run(cfg, env, run_dir, model, params, replicated_parameters(model), optimizer, scheduler, sampler, dataset,
-              tokenizer, checkpoints, base_dir, hf_config, fingerprint, grad_accum, preference)
+              tokenizer, checkpoints, base_dir, model_spec, fingerprint, grad_accum, preference)
     if cfg.data.eval_every:
         eval_set = data_lib.build_eval_dataset(cfg.data, tokenizer, seed=cfg.seed, pairs=preference is not None)
         run.eval_batches = batch_lib.eval_micro_batches(
@@ -434,7 +435,7 @@ def fit(run: Run, stop: StopRequest) -> dict:
     ``summary.json``."""
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
     logger = MetricsLogger(run_dir.tensorboard if cfg.log.tensorboard else None, env.is_main)
-    model_flops_per_token = flops_per_token(run.model, run.hf_config, cfg.data.seq_len,
+    model_flops_per_token = flops_per_token(run.model, run.model_spec, cfg.data.seq_len,
                                             reference_forward=run.preference is not None)
     peak = peak_flops(env.device)
     tokens_seen, stopped_by = 0, 0
