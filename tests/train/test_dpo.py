@@ -19,7 +19,7 @@ from pmss_dist.build import build_model
 from pmss_dist.config import adapter_spec, load_config
 from pmss_dist.eval.preference import PreferenceLoss
 from pmss_dist.hf.export import export_peft
-from pmss_dist.hf.load import read_model_spec
+from pmss_dist.hf.load import original_weights, read_model_spec
 from pmss_dist.models.builtin import write_tiny_checkpoint
 
 WORKER = REPO / "tests" / "train" / "dpo_worker.py"
@@ -136,8 +136,8 @@ def test_the_reference_is_the_base_bit_for_bit(tmp_path, kind, quantize):
     def model(adapter):
         built = build_model(spec, adapter=adapter, mesh=None, device=torch.device("cpu"), dtype=torch.float32,
                             weights=base, max_seq_len=32)
-        if adapter is not None and kind == "pmss":
-            assign_skeletons(built, "deim")
+        if adapter is not None and kind == "pmss":  # a quantized base is selected on its original weights
+            assign_skeletons(built, "deim", original=original_weights(built, base, spec) if quantize != "none" else None)
         return built.eval()
 
     plain, adapted = model(None), model(adapter_spec(cfg))
