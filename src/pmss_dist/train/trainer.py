@@ -430,9 +430,15 @@ def preference_scalars(prefix: str, stats: dict[str, float]) -> dict[str, float]
 
 
 def fit(run: Run, stop: StopRequest) -> dict:
-    """Train from ``run.start_step`` to ``max_steps`` (or until a stop signal), checkpointing as
-    the checkpoint manager's policy says; rank 0 then writes the adapter, the resolved config and
-    ``summary.json``."""
+    """Train from ``run.start_step`` to ``max_steps`` (or until a stop signal), then finish the run:
+    its adapter, resolved config, merged export and ``summary.json``."""
+    stopped_by, tokens_seen = train_loop(run, stop)
+    return finish(run, stopped_by, tokens_seen)
+
+
+def train_loop(run: Run, stop: StopRequest) -> tuple[int, int]:
+    """The steps, logging, eval and checkpoints as the checkpoint manager's policy says. Returns the
+    stop signal that ended the loop (0: it reached ``max_steps``) and the tokens it trained on."""
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
     logger = MetricsLogger(run_dir.tensorboard if cfg.log.tensorboard else None, env.is_main)
     model_flops_per_token = flops_per_token(run.model, run.model_spec, cfg.data.seq_len,
@@ -505,7 +511,14 @@ def fit(run: Run, stop: StopRequest) -> dict:
                               "newest good checkpoint)") from None
     finally:
         logger.close()
+    return stopped_by, tokens_seen
 
+
+def finish(run: Run, stopped_by: int, tokens_seen: int) -> dict:
+    """What ends a run, in this order: rank 0 writes the adapter and the resolved config; every
+    rank writes its share of merged/ (unless stopped); rank 0 writes ``summary.json`` last, so its
+    presence means everything before it is on disk."""
+    cfg, env, run_dir = run.cfg, run.env, run.run_dir
     losses = run.losses
     counts = count_parameters(run.model)
     summary = {"initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
