@@ -38,12 +38,20 @@ Targets (issue 9; CPU, N=2): tokens/s >= 1.2x tt-lora-r8 at the same trainable-p
 sharded within each pair, replicated across the pairs) and as a flat 1x4 mesh (dp_shard=4), and
 counts the collective bytes per step that would cross nodes if each pair of ranks were a node:
 a count, so the 2-core machine's oversubscription does not matter.
+
+Our runs share one user cache inside the workdir (``PMSS_CACHE_DIR``), empty at the start of the
+invocation: the first PMSS run selects its skeletons and caches them, later ones reuse them (as
+every lr sweep or seed on one base does). Each PMSS run is marked "cold" or "cached"; after each
+table, the median time to first step of the cached PMSS runs against our LoRA runs (issue 28:
+<= 1.2x).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -53,6 +61,7 @@ import yaml
 import benchlib
 from benchlib import BENCH, REPO, RunResult, print_markdown
 from bench_train import trainer_overrides
+from pmss_dist.checkpoints.fingerprint import CACHE_ENV
 from pmss_dist.train.run_dir import RunDir
 
 LORA_RANK = 8
@@ -128,8 +137,10 @@ def run_ours(model, paths, kind: str, rank: int, nproc, steps, compile_on, ac_on
                                  out / "log.txt", timeout)
     seq_len, batch = benchlib.SHAPES[model]
     summary = RunDir(out).read_summary()
+    selection = ("-" if kind != "pmss" else
+                 "cached" if "reusing skeleton selection from the cache" in (out / "log.txt").read_text() else "cold")
     return benchlib.result_from_records(out.name, benchlib.read_records(out / "records"), launched,
-                                        seq_len * batch, trainable=summary["trainable_params"])
+                                        seq_len * batch, trainable=summary["trainable_params"], selection=selection)
 
 
 def token_rows(paths: dict, seq_len: int, work: Path) -> Path:
@@ -236,6 +247,8 @@ def run_all(args, work: Path) -> None:
           f"AC {'on' if args.ac else 'off'}")
     if args.ours_set:
         print(f"our runs marked '+' use: {' '.join(args.ours_set)}")
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    os.environ[CACHE_ENV] = str(work / "cache")  # the runs inherit it; cold at the start of the invocation
     for model in args.models.split(","):
         paths = benchlib.prepare_workspace(work / "inputs", model)
         steps = args.steps or (30 if model == "tiny" else 4)
@@ -276,9 +289,10 @@ def run_all(args, work: Path) -> None:
                     results.setdefault(label, []).append(r)
                     if (out / "records" / "profile_rank0.txt").is_file():
                         r.extra["profile"] = (out / "records" / "profile_rank0.txt").read_text()
+                    selection = r.extra.get("selection", "-")
                     print(f"  {out.name}: {r.tokens_per_s(skip):.0f} tok/s, {r.tokens_per_cpu_s(skip):.0f} tok/CPU-s, "
-                          f"first step {r.first_step_s:.1f}s, peak RSS {' / '.join(f'{m:.0f}' for m in r.rss_mib)} MiB",
-                          flush=True)
+                          f"first step {r.first_step_s:.1f}s{'' if selection == '-' else f' ({selection} selection)'}, "
+                          f"peak RSS {' / '.join(f'{m:.0f}' for m in r.rss_mib)} MiB", flush=True)
             ref = results.get(f"tt-lora-r{LORA_RANK}")
             ref_keep = results.get(f"tt-lora-r{LORA_RANK}-keep")
             ref_peft = results.get(f"peft-lora-r{LORA_RANK}")
@@ -302,9 +316,28 @@ def run_all(args, work: Path) -> None:
                            title=f"### {model} ({benchlib.parameter_count(model):,} params), N={nproc}, seq_len={seq_len}, "
                                  f"global batch={batch}, {steps} steps (steps {skip + 2}-{steps} measured), "
                                  f"{args.reps} rep(s)")
+            print_first_steps(results)
             for label, rs in results.items():
                 if "profile" in rs[0].extra:
                     print(f"\n#### profile of {label}, rank 0\n```\n{rs[0].extra['profile']}```")
+
+
+def print_first_steps(results: dict[str, list[RunResult]]) -> None:
+    """Median time to first step of each PMSS run, cold and with a cached selection, against the
+    median of our LoRA runs on the same base layout."""
+    for label, rs in results.items():
+        if not label.startswith("ours-pmss"):
+            continue
+        lora_label = re.sub(r"^ours-pmss-k\d+", f"ours-lora-r{LORA_RANK}", label)  # the same base layout and set
+        lora = results.get(lora_label)
+        for state in ("cold", "cached"):
+            times = [r.first_step_s for r in rs if r.extra.get("selection") == state]
+            if not times:
+                continue
+            against = (f", {statistics.median(times) / statistics.median(r.first_step_s for r in lora):.2f}x "
+                       f"{lora_label}'s" if lora else "")
+            print(f"time to first step, {label}, {state} selection: {statistics.median(times):.1f}s "
+                  f"(median of {len(times)}){against}")
 
 
 if __name__ == "__main__":
