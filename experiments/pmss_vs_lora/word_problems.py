@@ -35,18 +35,28 @@ _VEHICLES = [("cyclist", "km"), ("train", "km"), ("runner", "km"), ("car", "mile
 _MACHINE_ITEMS = ["bottles", "boxes", "cans", "labels", "bolts"]
 
 
-class _Work:
-    """Accumulates worked lines; every step is computed here so text and value cannot differ."""
+class BadStep(ValueError):
+    """A step whose result is negative or a division that is not exact."""
 
-    def __init__(self) -> None:
+
+class _Work:
+    """Accumulates worked lines; every step is computed here so text and value cannot differ.
+
+    ``fault=(step, delta)`` makes calculation number ``step`` (from 0) come out ``delta`` off, and
+    every later step compute on that wrong value: one calculation wrong, the rest right."""
+
+    def __init__(self, fault: tuple[int, int] | None = None) -> None:
         self.lines: list[str] = []
+        self.fault = fault
 
     def calc(self, a: int, op: str, b: int, sentence: str) -> int:
-        value = {"+": a + b, "-": a - b, "*": a * b}.get(op)
-        if op == "/":
-            assert a % b == 0, f"inexact division {a}/{b}"
-            value = a // b
-        assert value is not None and value >= 0, f"bad step {a}{op}{b}"
+        if op == "/" and (b == 0 or a % b):
+            raise BadStep(f"inexact division {a}/{b}")
+        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a // b
+        if self.fault is not None and self.fault[0] == len(self.lines):
+            value += self.fault[1]
+        if value < 0:
+            raise BadStep(f"negative step {a}{op}{b}")
         self.lines.append(sentence.format(f"{a} {op} {b} = <<{a}{op}{b}={value}>>{value}"))
         return value
 
@@ -237,23 +247,48 @@ def check_calculations(text: str) -> tuple[int, int]:
 # Problems and datasets
 # ---------------------------------------------------------------------------------------------
 
-def make_problem(rng: random.Random) -> dict:
-    """One problem from a random template: question, worked answer, final int, expression."""
+def make_problem(rng: random.Random, fault_rng: random.Random | None = None) -> dict:
+    """One problem from a random template: question, worked answer, final int, expression; with
+    ``fault_rng`` also ``wrong_answer``, the same solution with one calculation wrong (drawn from
+    ``fault_rng``) carried through to a wrong final answer. ``rng`` advances the same either way."""
     template = rng.choice(list(TEMPLATES.values()))
+    state = rng.getstate()
     work = _Work()
     question, expression, final = template(rng, work)
     # Guard against template bugs: the expression must say what the worked steps computed.
     assert evaluate_expression(expression) == final, (expression, final)
-    return {"question": question, "answer": work.answer(final), "final": final,
-            "expression": expression}
+    problem = {"question": question, "answer": work.answer(final), "final": final, "expression": expression}
+    if fault_rng is not None:
+        problem["wrong_answer"] = _wrong_answer(template, state, len(work.lines), final, fault_rng)
+    return problem
 
 
-def _unique_problems(rng: random.Random, n: int, exclude: set[str] = frozenset()) -> list[dict]:
+def _wrong_answer(template: Template, state: tuple, steps: int, final: int, fault_rng: random.Random) -> str:
+    """Replays ``template`` from the random ``state`` it drew its problem from (the same question)
+    with one step off by 1 to 10; a fault a later step cannot take (a negative result, an inexact
+    division) is drawn again. The last step can always be made wrong."""
+    for _ in range(20):
+        step, delta = fault_rng.randrange(steps), fault_rng.choice([d for d in range(-10, 11) if d])
+        replay, work = random.Random(), _Work(fault=(step, delta))
+        replay.setstate(state)
+        try:
+            wrong = template(replay, work)[2]
+        except BadStep:
+            continue
+        if wrong != final:
+            return work.answer(wrong)
+    work = _Work(fault=(steps - 1, abs(delta)))
+    replay.setstate(state)
+    return work.answer(template(replay, work)[2])
+
+
+def _unique_problems(rng: random.Random, n: int, exclude: set[str] = frozenset(),
+                     fault_rng: random.Random | None = None) -> list[dict]:
     seen, out = set(exclude), []
     for _ in range(100 * n + 1000):  # bounded: a tiny template space must not hang the caller
         if len(out) == n:
             break
-        problem = make_problem(rng)
+        problem = make_problem(rng, fault_rng)
         if problem["question"] not in seen:
             seen.add(problem["question"])
             out.append(problem)
@@ -274,3 +309,15 @@ def make_dataset(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list
     train = _unique_problems(random.Random(f"word-problems/train/{seed}"), n_train,
                              exclude={p["question"] for p in test})
     return train, test
+
+
+def make_pairs(n_train: int, n_test: int, n_test_problems: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Preference pairs (problems with ``wrong_answer``): ``n_test`` held out, the first test
+    problems of ``make_dataset`` with ``seed``; ``n_train`` from a stream of their own that shares no
+    question with any of the ``n_test_problems`` test problems. A pure function of its arguments."""
+    held_out = _unique_problems(random.Random(f"word-problems/test/{seed}"), n_test,
+                                fault_rng=random.Random(f"word-problems/faults/test/{seed}"))
+    test_questions = {p["question"] for p in _unique_problems(random.Random(f"word-problems/test/{seed}"), n_test_problems)}
+    train = _unique_problems(random.Random(f"word-problems/pairs/{seed}"), n_train, exclude=test_questions,
+                             fault_rng=random.Random(f"word-problems/faults/train/{seed}"))
+    return train, held_out

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from pmss_dist.data.rows import QA_TEMPLATE, load_examples
 from pmss_dist.eval.scoring import extract_final_number
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = ROOT / "experiments" / "pmss_vs_lora"
 sys.path.insert(0, str(EXPERIMENT))  # the experiment's modules sit beside its scripts, not in the library
-from word_problems import (TEMPLATES, _Work, check_calculations, evaluate_expression,  # noqa: E402
-                           make_dataset, make_problem, make_split)
+from word_problems import (TEMPLATES, _CALCULATION, _Work, check_calculations, evaluate_expression,  # noqa: E402
+                           make_dataset, make_pairs, make_problem, make_split)
 
 
 def test_deterministic_by_seed():
@@ -115,3 +116,46 @@ def test_cli_writes_jsonl(tmp_path):
 ])
 def test_check_calculations(text, expected):
     assert check_calculations(text) == expected
+
+
+def test_pairs_have_one_wrong_calculation_and_a_wrong_answer():
+    train, held_out = make_pairs(400, 100, 500, seed=0)
+    for p in train + held_out:
+        right, wrong = p["answer"], p["wrong_answer"]
+        steps = right.count("<<")
+        assert check_calculations(right) == (steps, steps)
+        # Exactly one annotation is false arithmetic; every other step is right on the values it got.
+        assert check_calculations(wrong) == (steps - 1, steps), wrong
+        assert int(extract_final_number(wrong)) != p["final"], wrong
+        assert len(wrong.splitlines()) == len(right.splitlines())
+        bad = [i for i, (e, v) in enumerate(_CALCULATION.findall(wrong)) if evaluate_expression(e) != int(v)]
+        # Before the wrong step the two solutions are the same text.
+        assert _CALCULATION.findall(wrong)[:bad[0]] == _CALCULATION.findall(right)[:bad[0]]
+    faulty_steps = {[i for i, (e, v) in enumerate(_CALCULATION.findall(p["wrong_answer"]))
+                     if evaluate_expression(e) != int(v)][0] for p in train}
+    assert faulty_steps == {0, 1, 2, 3}  # the fault falls on every step position, not just the last
+
+
+def test_pairs_are_fixed_by_seed_and_disjoint_from_the_test_set():
+    train, held_out = make_pairs(300, 50, 500, seed=0)
+    assert (train, held_out) == make_pairs(300, 50, 500, seed=0)
+    assert make_pairs(300, 50, 500, seed=1)[0] != train
+    _, test = make_dataset(0, 500, seed=0)
+    assert [p["question"] for p in held_out] == [p["question"] for p in test[:50]]
+    assert [p["answer"] for p in held_out] == [p["answer"] for p in test[:50]]
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    # Making pairs leaves the SFT problems as they were (the pair's own draws use their own stream).
+    assert make_problem(random.Random(5), random.Random(9))["answer"] == make_problem(random.Random(5))["answer"]
+
+
+@pytest.mark.slow
+def test_cli_writes_pairs_the_trainer_reads(tmp_path):
+    result = subprocess.run([sys.executable, str(EXPERIMENT / "make_word_problems.py"), "--out", str(tmp_path),
+                             "--pairs", "40", "--test-pairs", "10", "--test", "30", "--seed", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    train, held_out = make_pairs(40, 10, 30, seed=2)
+    for name, problems in (("pairs_train.jsonl", train), ("pairs_test.jsonl", held_out)):
+        examples = load_examples(tmp_path / name)  # format auto-detected as preference, no row refused
+        assert [(e["prompt"], e["chosen"], e["rejected"]) for e in examples] == [
+            (QA_TEMPLATE.format(question=p["question"]), p["answer"], p["wrong_answer"]) for p in problems]
