@@ -302,10 +302,15 @@ def make_split(n: int, seed: int) -> list[dict]:
     return _unique_problems(random.Random(seed), n)
 
 
+def _test_stream(seed: int) -> random.Random:
+    """The test problems' own stream: the test set depends only on the seed and its size."""
+    return random.Random(f"word-problems/test/{seed}")
+
+
 def make_dataset(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, test), disjoint by question text. The test set is drawn first from its own seeded
     stream, so it depends only on ``seed`` and ``n_test`` (and a larger ``n_test`` extends it)."""
-    test = _unique_problems(random.Random(f"word-problems/test/{seed}"), n_test)
+    test = _unique_problems(_test_stream(seed), n_test)
     train = _unique_problems(random.Random(f"word-problems/train/{seed}"), n_train,
                              exclude={p["question"] for p in test})
     return train, test
@@ -315,9 +320,8 @@ def make_pairs(n_train: int, n_test: int, n_test_problems: int, seed: int) -> tu
     """Preference pairs (problems with ``wrong_answer``): ``n_test`` held out, the first test
     problems of ``make_dataset`` with ``seed``; ``n_train`` from a stream of their own that shares no
     question with any of the ``n_test_problems`` test problems. A pure function of its arguments."""
-    held_out = _unique_problems(random.Random(f"word-problems/test/{seed}"), n_test,
-                                fault_rng=random.Random(f"word-problems/faults/test/{seed}"))
-    test_questions = {p["question"] for p in _unique_problems(random.Random(f"word-problems/test/{seed}"), n_test_problems)}
+    held_out = _unique_problems(_test_stream(seed), n_test, fault_rng=random.Random(f"word-problems/faults/test/{seed}"))
+    test_questions = {p["question"] for p in make_dataset(0, n_test_problems, seed)[1]}
     train = _unique_problems(random.Random(f"word-problems/pairs/{seed}"), n_train, exclude=test_questions,
                              fault_rng=random.Random(f"word-problems/faults/train/{seed}"))
     return train, held_out
