@@ -13,7 +13,7 @@ One command does everything, skipping what is already on disk (as run.py does):
   4. DPO on the SFT model's merged export (the reference is that SFT model) for every method x
      seed, each run evaluated on the held-out pairs at its last step (rewards/accuracies and the
      other TRL metrics) and its merged export scored for exact match like the SFT model;
-  5. writes <out>/dpo_results.{json,md}.
+  5. writes <out>/dpo_results.{json,md} (with --test-limit N, dpo_results_firstN.{json,md}).
 
     python experiments/pmss_vs_lora/dpo.py --out runs/smollm2/dpo
 
@@ -30,9 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from run import HERE, METHODS, kind_of, mean_std, prepare, run_dir_of, run_logged, score_file, train
+from run import HERE, METHODS, PY, kind_of, mean_std, prepare, run_dir_of, run_logged, score_file, train
 
-PY = sys.executable
 SFT_METHOD, SFT_LR = "pmss_deim_k152", 3e-5  # the best PMSS run of docs/RESULTS.md
 SFT_TRAIN = ["data.packed=true", "data.seq_len=544", "data.batch_size=2", "data.micro_batch_size=2",
              "optim.warmup_steps=6", "log.log_every=5"]  # docs/RESULTS.md's CPU-sized training
