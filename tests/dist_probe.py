@@ -63,6 +63,7 @@ def main() -> None:
     save_file(tensors, f"{cfg.output_dir}/rank{env.rank}.safetensors",
               metadata={"frozen_bytes": str(frozen_bytes), "frozen_changed": str(frozen_changed)})
     release_output_dir(cfg, env)
+    del run  # shutdown frees the process groups, which the model's FSDP state holds too
     shutdown()
 
 

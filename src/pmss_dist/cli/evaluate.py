@@ -30,7 +30,7 @@ from pmss_dist.eval.model import load_eval_model
 from pmss_dist.eval.scoring import score_choices, score_generations, summarize
 from pmss_dist.files import OutputPathError, atomic_write, check_not_over_inputs, check_output_file
 from pmss_dist.console import print_main
-from pmss_dist.parallel.env import init_distributed, shutdown
+from pmss_dist.parallel.env import DistEnv, init_distributed, shutdown
 from pmss_dist.parallel.mesh import ParallelDims
 
 
@@ -94,44 +94,48 @@ def run(args: argparse.Namespace) -> dict | None:
     owns_group = not dist.is_initialized()
     env = init_distributed()
     try:
-        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-            torch.bfloat16 if env.device.type == "cuda" else torch.float32)
-        bad = datasets.BadRows(args.on_bad_row)
-        rows = _load_rows(args, bad)
-        if args.limit:
-            rows = rows[:args.limit]
-        if bad.skipped:
-            print_main(f"evaluate: {args.data}: {bad.summary()}")
-        tokenizer = load_tokenizer(args.model)
-        mesh = None if args.replicate else ParallelDims.flat(env.world_size).build_mesh(env.device.type)
-        model = load_eval_model(args.model, args.adapter, device=env.device, dtype=dtype, mesh=mesh)
-        if args.task == "choice":
-            template = args.prompt_template or datasets.QA_TEMPLATE
-            records = score_choices(model, tokenizer, rows, batch_size=args.batch_size, prompt_template=template)
-        else:
-            records = score_generations(model, tokenizer, rows, batch_size=args.batch_size,
-                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                        top_k=args.top_k, seed=args.seed, cache_dtype=dtype)
-        summary = summarize(args.task, records, rows)
-        result = {"summary": summary, "model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
-                  "data": args.data, "world_size": env.world_size, "skipped_rows": bad.skipped, "records": records}
-        if not env.is_main:
-            return None
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
-        if args.tensorboard is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            with SummaryWriter(log_dir=str(args.tensorboard)) as writer:
-                for key in ("accuracy", "accuracy_norm"):
-                    if key in summary:
-                        writer.add_scalar(f"eval/{args.task}/{key}", summary[key], args.step)
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
-        print_main(f"evaluate: {shown} -> {args.out}")
-        return result
-    finally:
+        return _evaluate(args, env)
+    finally:  # after _evaluate's frame, and the model in it, is gone: shutdown frees the groups it held
         if owns_group:
             shutdown()
+
+
+def _evaluate(args: argparse.Namespace, env: DistEnv) -> dict | None:
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if env.device.type == "cuda" else torch.float32)
+    bad = datasets.BadRows(args.on_bad_row)
+    rows = _load_rows(args, bad)
+    if args.limit:
+        rows = rows[:args.limit]
+    if bad.skipped:
+        print_main(f"evaluate: {args.data}: {bad.summary()}")
+    tokenizer = load_tokenizer(args.model)
+    mesh = None if args.replicate else ParallelDims.flat(env.world_size).build_mesh(env.device.type)
+    model = load_eval_model(args.model, args.adapter, device=env.device, dtype=dtype, mesh=mesh)
+    if args.task == "choice":
+        template = args.prompt_template or datasets.QA_TEMPLATE
+        records = score_choices(model, tokenizer, rows, batch_size=args.batch_size, prompt_template=template)
+    else:
+        records = score_generations(model, tokenizer, rows, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, seed=args.seed, cache_dtype=dtype)
+    summary = summarize(args.task, records, rows)
+    result = {"summary": summary, "model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
+              "data": args.data, "world_size": env.world_size, "skipped_rows": bad.skipped, "records": records}
+    if not env.is_main:
+        return None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+    if args.tensorboard is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(args.tensorboard)) as writer:
+            for key in ("accuracy", "accuracy_norm"):
+                if key in summary:
+                    writer.add_scalar(f"eval/{args.task}/{key}", summary[key], args.step)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
+    print_main(f"evaluate: {shown} -> {args.out}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pmss_dist.adapters.layers import TARGET_ALIASES, AdapterSpec, adapter_layers, assign_skeletons
 from pmss_dist.adapters.selection import SelectionError, save_selection
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
         # so rank 0's line says it all. No barrier on the way out: a peer may be elsewhere.
         if launcher_rank() == 0:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(meet_peers=False)
         return EXIT_USER_ERROR
     shutdown()
     return 0

@@ -55,13 +55,12 @@ def main(argv=None) -> int:
 
 
 def _leave_process_group() -> None:
-    import torch.distributed as dist
+    from pmss_dist.parallel.env import shutdown
 
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # leaving anyway
-            pass
+    try:
+        shutdown(meet_peers=False)
+    except Exception:  # leaving anyway
+        pass
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pmss_dist.parallel.mesh import release_mesh_groups
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,14 @@ def watch_launcher() -> None:
     _watching = True
 
 
-def shutdown() -> None:
+def shutdown(*, meet_peers: bool = True) -> None:
+    """Leave the process group and free it before the interpreter exits. ``meet_peers``: wait at
+    a barrier first (a run that ended normally); a rank leaving on an error does not, since a peer
+    may be elsewhere. The caller holds no model: its FSDP state holds the groups too."""
     if dist.is_initialized():
-        # Without this barrier gloo sometimes aborts at exit while a peer is still tearing down.
-        dist.barrier()
+        if meet_peers:
+            # Without this barrier gloo sometimes aborts at exit while a peer is still tearing down.
+            dist.barrier()
         dist.destroy_process_group()
+    release_mesh_groups()
+    gc.collect()  # the model's reference cycles, and with them its groups: their threads are joined here

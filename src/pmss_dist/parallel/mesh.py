@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -89,13 +90,32 @@ class ParallelDims:
         """``(dp_replicate, dp_shard)``; with one copy just ``(dp_shard,)``, so that FSDP2 shards
         without HSDP's replicate dimension. Callers address dimensions by name, never position."""
         if not self.replicated:
-            return init_device_mesh(device_type, (self.shard,), mesh_dim_names=(SHARD,))
-        return init_device_mesh(device_type, (self.replicate, self.shard), mesh_dim_names=(REPLICATE, SHARD))
+            mesh = init_device_mesh(device_type, (self.shard,), mesh_dim_names=(SHARD,))
+        else:
+            mesh = init_device_mesh(device_type, (self.replicate, self.shard), mesh_dim_names=(REPLICATE, SHARD))
+        _built_meshes.add(mesh)
+        return mesh
 
     def training_mesh(self, device_type: str, *, full_finetune: bool) -> DeviceMesh | None:
         """The mesh training hands FSDP2; ``None`` when nothing is sharded (``dp_shard == 1`` with a
         frozen base). Full fine-tuning always gets one: FSDP2 reduces its trained weights' gradients."""
         return self.build_mesh(device_type) if self.sharded or full_finetune else None
+
+
+_built_meshes: weakref.WeakSet[DeviceMesh] = weakref.WeakSet()
+
+
+def release_mesh_groups() -> None:
+    """Drop the process groups the built meshes hold (their sub-meshes' groups live in the root's
+    registry), once the groups are destroyed. torch's DTensor caches keep meshes alive to the end
+    of the interpreter, and with them the gloo groups' worker threads: a worker still releasing a
+    finished collective's tensors then needs the GIL while Python finalises, and the process
+    aborts ("terminate called without an active exception"). Released here, the groups are freed
+    and their threads joined before that."""
+    for mesh in list(_built_meshes):
+        registry = getattr(mesh, "_pg_registry", None)  # absent in torch releases without one
+        if isinstance(registry, dict):
+            registry.clear()
 
 
 def _divide(world_size: int, part: int, key: str) -> int:
