@@ -1,7 +1,7 @@
-"""Run a pmss_dist entry point's ``main`` (``pmss_dist.cli.<name>``: train, select, evaluate) in this process, then report on
-stderr how many gloo worker threads are still alive: ``gloo threads left: N``. Once an entry point
-has returned they must be 0, or a worker still releasing a collective's tensors when Python
-finalises aborts the process (tests/parallel/test_exit.py)."""
+"""Run a pmss_dist entry point's ``main`` (``pmss_dist.cli.<name>``: train, select, evaluate) in
+this process, then report on stderr how many gloo worker threads are still alive: ``gloo threads
+left: N``. Once an entry point has returned they must be 0, or a worker still releasing a
+collective's tensors when Python finalises aborts the process (tests/parallel/test_exit.py)."""
 
 import importlib
 import os

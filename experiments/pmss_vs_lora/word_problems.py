@@ -320,7 +320,8 @@ def make_pairs(n_train: int, n_test: int, n_test_problems: int, seed: int) -> tu
     """Preference pairs (problems with ``wrong_answer``): ``n_test`` held out, the first test
     problems of ``make_dataset`` with ``seed``; ``n_train`` from a stream of their own that shares no
     question with any of the ``n_test_problems`` test problems. A pure function of its arguments."""
-    held_out = _unique_problems(_test_stream(seed), n_test, fault_rng=random.Random(f"word-problems/faults/test/{seed}"))
+    held_out = _unique_problems(_test_stream(seed), n_test,
+                                fault_rng=random.Random(f"word-problems/faults/test/{seed}"))
     test_questions = {p["question"] for p in make_dataset(0, n_test_problems, seed)[1]}
     train = _unique_problems(random.Random(f"word-problems/pairs/{seed}"), n_train, exclude=test_questions,
                              fault_rng=random.Random(f"word-problems/faults/train/{seed}"))
