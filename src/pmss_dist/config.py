@@ -97,6 +97,7 @@ class ObjectiveConfig:
     loss: str = "sigmoid"  # dpo: sigmoid (DPO) | ipo
     beta: float = 0.1  # dpo: the strength of the pull towards the reference
     label_smoothing: float = 0.0  # dpo, sigmoid: the assumed share of flipped pairs (conservative DPO)
+    precompute_reference: bool = False  # dpo: score every pair under the reference once at start-up
 
 
 @dataclass
@@ -409,6 +410,8 @@ def validate_objective(cfg: TrainConfig) -> None:
     _check_float("objective.beta", o.beta, 0, low_open=True)
     _check_float("objective.label_smoothing", o.label_smoothing, 0, 0.5, high_open=True)
     if o.kind == "sft":
+        if o.precompute_reference:
+            raise ConfigError("objective.precompute_reference applies to objective.kind=dpo only: leave it out")
         if cfg.data.format == "preference":
             raise ConfigError("data.format=preference holds preference pairs, which objective.kind=sft does not "
                               "train on: set objective.kind=dpo, or a supervised format")

@@ -249,7 +249,9 @@ def test_a_dpo_step_is_planned_with_its_reference_forward_and_no_reference_copy(
                       mfu=0.5, headroom=0.1)
     profiles = {}
     for name, overrides in (("sft", ["data.micro_batch_size=8", "data.batch_size=8"]),
-                            ("dpo", ["objective.kind=dpo", "data.micro_batch_size=4", "data.batch_size=4"])):
+                            ("dpo", ["objective.kind=dpo", "data.micro_batch_size=4", "data.batch_size=4"]),
+                            ("dpo-precomputed", ["objective.kind=dpo", "data.micro_batch_size=4", "data.batch_size=4",
+                                                 "objective.precompute_reference=true"])):
         cfg = load_config(TINY_CONFIG, ["data.seq_len=64", *overrides])
         with fake_world(1):
             ctx = _Context(cfg, model_spec(TINY_MODEL), cluster, check_world_size(cfg, 1))
@@ -264,3 +266,7 @@ def test_a_dpo_step_is_planned_with_its_reference_forward_and_no_reference_copy(
     # The reference forward's activations are freed before the policy's forward: what stays is its
     # log-probabilities, one number per row.
     assert 0 <= dpo.peak_bytes - sft.peak_bytes <= 8 * 8
+    # With the reference scores precomputed, the step is the sft step on the same rows.
+    precomputed = profiles["dpo-precomputed"]
+    assert precomputed.flops == sft.flops
+    assert abs(precomputed.peak_bytes - sft.peak_bytes) <= 8 * 8

@@ -170,7 +170,8 @@ def dpo_one_process(tmp_path_factory) -> dict:
     (2, ["data.micro_batch_size=2", "parallel.activation_checkpointing=full", "parallel.reshard_after_forward=true"]),
     (4, ["data.micro_batch_size=2", "parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     (4, ["data.micro_batch_size=4", "parallel.dp_shard=4", "adapter.kind=lora"]),
-], ids=["n2-compile-selectiveac", "n2-fullac", "n4-2x2", "n4-1x4-lora"])
+    (2, ["data.micro_batch_size=2", "objective.precompute_reference=true"]),
+], ids=["n2-compile-selectiveac", "n2-fullac", "n4-2x2", "n4-1x4-lora", "n2-precomputed"])
 def test_losses_do_not_depend_on_the_process_count(tmp_path, dpo_one_process, nproc, extra):
     reference = dpo_one_process
     if "adapter.kind=lora" in extra:
@@ -200,10 +201,26 @@ def test_a_run_learns_the_pairs_and_logs_trls_metrics(dpo_one_process):
     assert last["rewards/accuracies"] > 0.5 and last["rewards/margins"] > 0
 
 
+def test_a_precomputed_reference_gives_the_same_run(tmp_path, dpo_one_process):
+    # The reference scores of a start-up pass over the pairs, against those the steps compute.
+    result = probe(1, tmp_path / "pre", overrides=[*DPO, "log.log_every=1", "objective.precompute_reference=true"])
+    assert result["summary"]["losses"] == dpo_one_process["summary"]["losses"]
+    for name, t in result["ranks"][0]["tensors"].items():
+        assert torch.equal(t, dpo_one_process["ranks"][0]["tensors"][name]), name
+
+
+def test_precompute_reference_on_an_sft_run_ends_in_one_line(tmp_path):
+    proc = run_direct([*FAST, "objective.precompute_reference=true", f"output_dir={tmp_path / 'sft'}"])
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "objective.precompute_reference" in line]
+    assert len(lines) == 1 and "objective.kind=dpo only" in lines[0]
+
+
 @pytest.mark.slow
-def test_a_run_killed_mid_run_resumes_to_the_same_run(tmp_path, dpo_one_process):
+@pytest.mark.parametrize("extra", [[], ["objective.precompute_reference=true"]], ids=["", "precomputed"])
+def test_a_run_killed_mid_run_resumes_to_the_same_run(tmp_path, dpo_one_process, extra):
     out = tmp_path / "resumed"
-    overrides = [*DPO, "log.log_every=1", f"output_dir={out}", "checkpoint.every_steps=3"]
+    overrides = [*DPO, "log.log_every=1", f"output_dir={out}", "checkpoint.every_steps=3", *extra]
     kill = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "faults"), str(REPO / "src")]),
             "PMSS_KILL_AT": "pmss_dist.train.trainer:train_step:6", "PMSS_KILL_RANK": "0"}
     assert run_job(1, overrides, check=False, **kill).returncode != 0

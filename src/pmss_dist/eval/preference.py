@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pmss_dist.adapters.layers import adapters_off
+from pmss_dist.data.batches import eval_micro_batches
 from pmss_dist.data.examples import IGNORE_INDEX
 
 # The per-pair means a step reports besides the loss, in this order (TRL's names).
@@ -70,10 +71,14 @@ def sequence_logps(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 def preference_loss_sum(model, batch: dict, device, objective: PreferenceLoss) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss summed over ``batch``'s counted pairs (with its graph), and the sums of
-    `PREFERENCE_STATS` over them (detached). The reference forward runs first, without a graph."""
+    `PREFERENCE_STATS` over them (detached). The reference scores are the batch's ``reference``
+    (`reference_logps`) when it has them, else a reference forward runs first, without a graph."""
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-    with torch.no_grad(), adapters_off(model):
-        reference = sequence_logps(model, tokens, labels)
+    if "reference" in batch:
+        reference = batch["reference"].to(device)
+    else:
+        with torch.no_grad(), adapters_off(model):
+            reference = sequence_logps(model, tokens, labels)
     policy = sequence_logps(model, tokens, labels)
     counts = (labels != IGNORE_INDEX).sum(-1)
     n = len(counts) // 2
@@ -86,6 +91,31 @@ def preference_loss_sum(model, batch: dict, device, objective: PreferenceLoss) -
     per_pair = torch.stack([rewards[:n], rewards[n:], (rewards[:n] > rewards[n:]).float(), logps[:n], logps[n:]])
     stats = torch.where(counted, per_pair, torch.zeros_like(per_pair)).sum(-1)
     return loss_sum, stats
+
+
+@torch.no_grad()
+def reference_logps(model, samples: list[dict], device, rank: int, world_size: int, micro_batch_size: int,
+                    seq_len: int, pad_id: int) -> torch.Tensor:
+    """Every pair's reference scores, ``[len(samples), 2]`` (chosen, rejected; fp32, on the CPU),
+    on every rank (collective). Each rank scores its share of the rounds `eval_micro_batches`
+    makes, in micro-batches of the training shape, then the ranks exchange their scores."""
+    batches = eval_micro_batches(samples, rank, world_size, micro_batch_size, seq_len, pad_id)
+    mine = torch.zeros(len(batches), micro_batch_size, 2, device=device)
+    for i, batch in enumerate(batches):  # in training mode, as the step's own reference forward
+        with adapters_off(model):
+            scores = sequence_logps(model, batch["tokens"].to(device), batch["labels"].to(device))
+        mine[i] = scores.view(2, micro_batch_size).T  # chosen rows, then rejected rows
+    if world_size == 1:
+        return mine.reshape(-1, 2)[:len(samples)].cpu()
+    everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    # Round r holds rank 0's micro-batch, then rank 1's, ...: the samples in order.
+    return torch.stack(everyone, 1).reshape(-1, 2)[:len(samples)].cpu()
+
+
+def batch_reference(table: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """The `reference_logps` of a micro-batch of pairs in `collate_samples`' row order."""
+    return torch.cat([table[indices, 0], table[indices, 1]])
 
 
 @torch.no_grad()

@@ -180,7 +180,8 @@ class _Context:
                                micro_batch=d.micro_batch_size, seq_len=d.seq_len,
                                vocab_size=model_spec.vocab_size, packed=d.packed, grad_accum=self.grad_accum,
                                grad_clip=o.grad_clip, groups=mesh_groups(self.mesh(setting.dp_shard)),
-                               preference=preference_loss(self.cfg.objective))
+                               preference=preference_loss(self.cfg.objective),
+                               precomputed_reference=self.cfg.objective.precompute_reference)
         del model
         gc.collect()
         return profile
@@ -233,7 +234,8 @@ def plan(cfg: TrainConfig, model_spec: ModelSpec, cluster: Cluster, *, model_nam
         candidates = [s for s in candidates if s not in unsplittable]
         counts = count_parameters(whole)
         peft_flops = flops_per_token(whole, model_spec, cfg.data.seq_len,
-                                     reference_forward=preference_loss(cfg.objective) is not None)
+                                     reference_forward=preference_loss(cfg.objective) is not None
+                                     and not cfg.objective.precompute_reference)
         if not full_depth:
             ctx.depths = _sampled_depths(model_spec.num_layers, model_spec.windows, cfg.data.seq_len)
         del whole

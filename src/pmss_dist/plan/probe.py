@@ -311,27 +311,32 @@ class WholeModelTracker(TorchDispatchMode):
 
 
 def synthetic_batch(micro_batch: int, seq_len: int, vocab_size: int, packed: bool,
-                    pairs: bool = False) -> dict[str, torch.Tensor]:
+                    pairs: bool = False, precomputed_reference: bool = False) -> dict[str, torch.Tensor]:
     """A micro-batch as the trainer's collation makes it: full rows of ``seq_len`` tokens (collate
     pads every row to seq_len anyway), a packed batch with its document mask and positions;
-    ``pairs``: ``micro_batch`` preference pairs, two rows each."""
+    ``pairs``: ``micro_batch`` preference pairs, two rows each, with their reference scores when
+    ``precomputed_reference`` (the step then runs no reference forward)."""
     tokens = [i % vocab_size for i in range(seq_len)]
     sample = {"tokens": tokens, "labels": tokens}
     if packed:
         sample["seq_lens"] = [seq_len]
     if pairs:
         sample = {"chosen": sample, "rejected": sample}
-    return collate_samples([dict(sample) for _ in range(micro_batch)], seq_len, pad_id=0)
+    batch = collate_samples([dict(sample) for _ in range(micro_batch)], seq_len, pad_id=0)
+    if precomputed_reference:
+        batch["reference"] = torch.zeros(2 * micro_batch)
+    return batch
 
 
 def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_batch: int, seq_len: int,
                  vocab_size: int, packed: bool, grad_accum: int, grad_clip: float, groups: list,
-                 preference: PreferenceLoss | None = None) -> StepProfile:
+                 preference: PreferenceLoss | None = None, precomputed_reference: bool = False) -> StepProfile:
     """Run one micro-batch and the step's tail on ``model`` (materialised under ``fake_mode``) and
     measure them; ``groups``: the process groups collectives may run on; ``preference``: a dpo
-    step (pairs, and the reference forward)."""
+    step (pairs, and the reference forward unless ``precomputed_reference``)."""
     # real: collation is data-dependent
-    batch = synthetic_batch(micro_batch, seq_len, vocab_size, packed, pairs=preference is not None)
+    batch = synthetic_batch(micro_batch, seq_len, vocab_size, packed, pairs=preference is not None,
+                            precomputed_reference=precomputed_reference)
     trained = step_lib.loss_units([batch], preference)
     with fake_mode:
         params = trainable_parameters(model)

@@ -31,7 +31,8 @@ from pmss_dist.data.fingerprint import samples_fingerprint, tokenizer_fingerprin
 from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss
-from pmss_dist.eval.preference import PREFERENCE_STATS, PreferenceLoss, evaluate_preference, preference_loss
+from pmss_dist.eval.preference import (PREFERENCE_STATS, PreferenceLoss, batch_reference, evaluate_preference,
+                                      preference_loss, reference_logps)
 from pmss_dist.files import begin_staged, file_sha256, publish_dir, publish_staged, staging_dir
 from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
 from pmss_dist.hf.load import original_weights, read_model_spec
@@ -214,6 +215,7 @@ class Run:
     eval_batches: list = field(default_factory=list)  # this rank's held-out batches (data.eval_source)
     eval_losses: list = field(default_factory=list)  # [step, loss] pairs of this run
     eval_metrics: list = field(default_factory=list)  # a dpo run's [step, {name: value}] of its evals
+    reference: torch.Tensor | None = None  # objective.precompute_reference: every pair's reference scores
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -320,15 +322,34 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         apply_optimizer_settings(run)
     elif cfg.adapter.kind == "pmss":
         _select_or_load_skeletons(run)
+    if cfg.objective.precompute_reference:
+        run.reference = precompute_reference(run)
     return run
+
+
+def precompute_reference(run: Run) -> torch.Tensor:
+    """Every training pair's reference scores, in one pass over the dataset before the first step
+    (`eval.preference.reference_logps`); the steps then run no reference forward. Recomputed on
+    resume: the same base, samples and micro-batches give the same scores."""
+    cfg, env = run.cfg, run.env
+    started = time.perf_counter()
+    table = reference_logps(run.model, run.dataset, env.device, env.rank, env.world_size, cfg.data.micro_batch_size,
+                            cfg.data.seq_len, run.tokenizer.pad_id)
+    reshard(run.model)
+    print_main(f"reference log-probs of {len(run.dataset)} pairs computed in {time.perf_counter() - started:.2f}s")
+    return table
 
 
 def rank_batches(run: Run, global_indices: list[int]) -> list[dict]:
     """This rank's collated micro-batches of a global batch."""
     cfg, env = run.cfg, run.env
     micro = batch_lib.rank_micro_batches(global_indices, env.rank, env.world_size, cfg.data.micro_batch_size)
-    return [batch_lib.collate_samples([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
-            for mb in micro]
+    batches = [batch_lib.collate_samples([run.dataset[i] for i in mb], cfg.data.seq_len, run.tokenizer.pad_id)
+               for mb in micro]
+    if run.reference is not None:
+        for batch, mb in zip(batches, micro):
+            batch["reference"] = batch_reference(run.reference, mb)
+    return batches
 
 
 def train_step(run: Run, signum: int) -> step_lib.Unread:
@@ -407,12 +428,16 @@ def probe_loss(run: Run) -> float:
     of the last update when no step follows it (the last step, a stop)."""
     batches = rank_batches(run, run.sampler.peek_batch())
     loss = evaluate(run, batches)["loss"]
-    # No backward follows this forward: blocks kept gathered for one (reshard_after_forward=False,
-    # and always the root) would stay unsharded, holding the whole base on every rank.
-    for module in run.model.modules():
+    reshard(run.model)
+    return loss
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """After forwards with no backward: blocks kept gathered for one (reshard_after_forward=False,
+    and always the root) would stay unsharded, holding the whole base on every rank."""
+    for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-    return loss
 
 
 def evaluate(run: Run, batches: list[dict]) -> dict[str, float]:
@@ -442,7 +467,7 @@ def train_loop(run: Run, stop: StopRequest) -> tuple[int, int]:
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
     logger = MetricsLogger(run_dir.tensorboard if cfg.log.tensorboard else None, env.is_main)
     model_flops_per_token = flops_per_token(run.model, run.model_spec, cfg.data.seq_len,
-                                            reference_forward=run.preference is not None)
+                                            reference_forward=run.preference is not None and run.reference is None)
     peak = peak_flops(env.device)
     tokens_seen, stopped_by = 0, 0
     t_last, steps_since_log = time.perf_counter(), 0
