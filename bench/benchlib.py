@@ -48,6 +48,8 @@ MODELS = {
              "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
 }
+# The seven projections every PEFT baseline adapts (HF names), as our runs adapt all seven.
+HF_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Shapes of one step per model: (seq_len, global batch in sequences).
 SHAPES = {"tiny": (64, 16), "100m": (128, 4)}
 SPM_VOCAB = 256  # < every model's vocab_size, so token ids fit either model
@@ -298,14 +300,30 @@ def frozen_parameter_bytes(model) -> int:
                for p in model.parameters() if not p.requires_grad)
 
 
-def record_worker(record_dir: str) -> None:
+def peer_worker_arguments(data_flag: str, data_help: str, batch_help: str):
+    """The command line the HF baselines' workers share (peft_worker.py, trl_worker.py): the
+    model, their data (``data_flag``), LoRA rank, steps, global batch and lr."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument(data_flag, required=True, help=data_help)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch", type=int, required=True, help=batch_help)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    return parser
+
+
+def record_worker(record_dir: str):
     """Called first thing in a worker (after its framework is imported). Stamps the wall and CPU
     time and the count of collectives (`COUNTER`) after every optimizer step (a global post-step
     hook: the same for every trainer, on every rank), and at exit writes them with this rank's
     collectives and peak RSS (ru_maxrss, KiB on Linux). With ``BENCH_FROZEN_BYTES=1``, a global
     forward pre-hook also notes every module called until step 1 ends; after step 1 (FSDP2 has
     resharded) the largest of them, the model, gives the rank's frozen parameter bytes, and the
-    hook is removed. (Opt-in: a global hook would change what torch.compile traces in step 1.)"""
+    hook is removed. (Opt-in: a global hook would change what torch.compile traces in step 1.)
+    Returns the writer, for a worker that leaves without the interpreter's exit (`os._exit`)."""
     import atexit
     import resource
 
@@ -343,6 +361,7 @@ def record_worker(record_dir: str) -> None:
              "collectives": COUNTER.calls, "frozen_bytes": frozen[0] if frozen else None}))
 
     atexit.register(write)
+    return write
 
 
 def result_from_records(name: str, records: list[WorkerRecord], launched: float, tokens_per_step: int,

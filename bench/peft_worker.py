@@ -12,7 +12,6 @@ imports nothing from pmss_dist: bench_peers.py hands it the token ids, already c
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,21 +22,12 @@ import torch.nn.functional as F
 import transformers  # noqa: F401  (imported before record_worker: "after import" is comparable)
 from peft import LoraConfig, get_peft_model
 
-from benchlib import COUNTER, record_worker
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
+from benchlib import COUNTER, HF_PROJECTIONS, peer_worker_arguments, record_worker
 
 def main() -> None:
     record_worker(os.environ["BENCH_RECORD_DIR"])
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--tokens", required=True, help="JSON list of token-id rows, all seq_len long")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--batch", type=int, required=True, help="global batch in sequences")
-    parser.add_argument("--lr", type=float, default=3e-4)
-    args = parser.parse_args()
+    args = peer_worker_arguments("--tokens", "JSON list of token-id rows, all seq_len long",
+                                 "global batch in sequences").parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -47,7 +37,7 @@ def main() -> None:
 
     model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0,
-                                             target_modules=TARGETS, bias="none"))
+                                             target_modules=HF_PROJECTIONS, bias="none"))
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if world > 1:  # DDP's default all-reduce of each bucket, through torch.distributed (counted there)
