@@ -38,11 +38,17 @@ SFT_TRAIN = ["data.packed=true", "data.seq_len=544", "data.batch_size=2", "data.
 
 
 def pairs(args) -> tuple[Path, Path]:
+    """The pair files, written again when those on disk were made with other settings (recorded
+    beside them in pairs_settings.json)."""
     train_pairs, test_pairs = args.data / "pairs_train.jsonl", args.data / "pairs_test.jsonl"
-    if not (train_pairs.is_file() and test_pairs.is_file()):
+    stamp = args.data / "pairs_settings.json"
+    settings = {"pairs": args.pairs, "test_pairs": args.test_pairs, "test": args.test, "seed": args.data_seed}
+    made = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if not (train_pairs.is_file() and test_pairs.is_file()) or made != settings:
         run_logged([PY, str(HERE / "make_word_problems.py"), "--out", str(args.data), "--test", str(args.test),
                     "--pairs", str(args.pairs), "--test-pairs", str(args.test_pairs), "--seed", str(args.data_seed)],
                    args.out / "logs" / "make_pairs.log")
+        stamp.write_text(json.dumps(settings))
     return train_pairs, test_pairs
 
 

@@ -159,3 +159,21 @@ def test_cli_writes_pairs_the_trainer_reads(tmp_path):
         examples = load_examples(tmp_path / name)  # format auto-detected as preference, no row refused
         assert [(e["prompt"], e["chosen"], e["rejected"]) for e in examples] == [
             (QA_TEMPLATE.format(question=p["question"]), p["answer"], p["wrong_answer"]) for p in problems]
+
+
+@pytest.mark.slow
+def test_dpo_experiment_writes_its_pairs_again_when_asked_for_others(tmp_path):
+    from argparse import Namespace
+
+    import dpo
+
+    (tmp_path / "logs").mkdir()
+    args = Namespace(data=tmp_path / "data", out=tmp_path, pairs=12, test_pairs=4, test=20, data_seed=0)
+    train_file, _ = dpo.pairs(args)
+    assert len(train_file.read_text().splitlines()) == 12
+    args.pairs = 7
+    train_file, test_file = dpo.pairs(args)
+    assert len(train_file.read_text().splitlines()) == 7 and len(test_file.read_text().splitlines()) == 4
+    written = train_file.stat().st_mtime_ns
+    dpo.pairs(args)  # the same settings: the files on disk are kept
+    assert train_file.stat().st_mtime_ns == written
