@@ -75,19 +75,19 @@ def _install_step_profiler(first: int, count: int, out_file: Path) -> None:
     original_step = trainer.train_step
     timer, calls, cpu = OpCpuTimer(), [0], [0.0]
 
-    def profiled_step(run):
+    def profiled_step(run, *args):
         calls[0] += 1
         if run.env.rank != 0 or not first <= calls[0] < first + count:
-            return original_step(run)
+            return original_step(run, *args)
         start = time.process_time()
         if calls[0] == first:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                result = original_step(run)
+                result = original_step(run, *args)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
             out_file.write_text(f"torch.profiler, step {first} (wall-clock durations):\n{table}\n")
         else:
             with timer:
-                result = original_step(run)
+                result = original_step(run, *args)
             cpu[0] += time.process_time() - start
         if calls[0] == first + count - 1:
             with open(out_file, "a") as f:
