@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 
 from benchlib import COUNTER, HF_PROJECTIONS, peer_worker_arguments, record_worker
 
+
 def main() -> None:
     record_worker(os.environ["BENCH_RECORD_DIR"])
     args = peer_worker_arguments("--tokens", "JSON list of token-id rows, all seq_len long",

@@ -54,6 +54,12 @@ def preference_loss(objective) -> PreferenceLoss | None:
     return PreferenceLoss(objective.loss, objective.beta, objective.label_smoothing)
 
 
+def steps_run_reference_forward(objective) -> bool:
+    """Whether a step of a config's ``objective`` runs the reference forward: a dpo run's does,
+    unless its reference scores are precomputed (``objective.precompute_reference``)."""
+    return objective.kind != "sft" and not objective.precompute_reference
+
+
 def trained_pairs(batch: dict) -> int:
     """The pairs of a collated (CPU) batch that have trained tokens on both sides."""
     counts = (batch["labels"] != IGNORE_INDEX).sum(-1)

@@ -43,7 +43,7 @@ from pmss_dist.adapters.layers import FULL, adapter_layers, count_parameters
 from pmss_dist.adapters.quantize import check_quantizable, tensor_bytes
 from pmss_dist.build import parameter_bytes
 from pmss_dist.errors import ConfigError
-from pmss_dist.eval.preference import preference_loss
+from pmss_dist.eval.preference import preference_loss, steps_run_reference_forward
 from pmss_dist.config import AC_MODES, ParallelConfig, TrainConfig, adapter_spec, check_world_size
 from pmss_dist.models.spec import ModelSpec
 from pmss_dist.parallel.mesh import REPLICATE, SHARD, ParallelDims
@@ -181,7 +181,7 @@ class _Context:
                                vocab_size=model_spec.vocab_size, packed=d.packed, grad_accum=self.grad_accum,
                                grad_clip=o.grad_clip, groups=mesh_groups(self.mesh(setting.dp_shard)),
                                preference=preference_loss(self.cfg.objective),
-                               precomputed_reference=self.cfg.objective.precompute_reference)
+                               reference_forward=steps_run_reference_forward(self.cfg.objective))
         del model
         gc.collect()
         return profile
@@ -234,8 +234,7 @@ def plan(cfg: TrainConfig, model_spec: ModelSpec, cluster: Cluster, *, model_nam
         candidates = [s for s in candidates if s not in unsplittable]
         counts = count_parameters(whole)
         peft_flops = flops_per_token(whole, model_spec, cfg.data.seq_len,
-                                     reference_forward=preference_loss(cfg.objective) is not None
-                                     and not cfg.objective.precompute_reference)
+                                     reference_forward=steps_run_reference_forward(cfg.objective))
         if not full_depth:
             ctx.depths = _sampled_depths(model_spec.num_layers, model_spec.windows, cfg.data.seq_len)
         del whole

@@ -330,13 +330,13 @@ def synthetic_batch(micro_batch: int, seq_len: int, vocab_size: int, packed: boo
 
 def profile_step(model: torch.nn.Module, *, fake_mode, optim_args: dict, micro_batch: int, seq_len: int,
                  vocab_size: int, packed: bool, grad_accum: int, grad_clip: float, groups: list,
-                 preference: PreferenceLoss | None = None, precomputed_reference: bool = False) -> StepProfile:
+                 preference: PreferenceLoss | None = None, reference_forward: bool = True) -> StepProfile:
     """Run one micro-batch and the step's tail on ``model`` (materialised under ``fake_mode``) and
     measure them; ``groups``: the process groups collectives may run on; ``preference``: a dpo
-    step (pairs, and the reference forward unless ``precomputed_reference``)."""
+    step (pairs, and the reference forward if ``reference_forward``)."""
     # real: collation is data-dependent
     batch = synthetic_batch(micro_batch, seq_len, vocab_size, packed, pairs=preference is not None,
-                            precomputed_reference=precomputed_reference)
+                            precomputed_reference=preference is not None and not reference_forward)
     trained = step_lib.loss_units([batch], preference)
     with fake_mode:
         params = trainable_parameters(model)

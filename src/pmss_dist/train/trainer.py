@@ -32,7 +32,7 @@ from pmss_dist.data.rows import DataError
 from pmss_dist.data.tokenizers import load_tokenizer
 from pmss_dist.eval.loss import evaluate_loss
 from pmss_dist.eval.preference import (PREFERENCE_STATS, PreferenceLoss, batch_reference, evaluate_preference,
-                                      preference_loss, reference_logps)
+                                      preference_loss, reference_logps, steps_run_reference_forward)
 from pmss_dist.files import begin_staged, file_sha256, publish_dir, publish_staged, staging_dir
 from pmss_dist.hf.export import ORIGINAL_WEIGHTS, TrainedBase, verify_hf_export, write_full, write_merged
 from pmss_dist.hf.load import original_weights, read_model_spec
@@ -467,7 +467,7 @@ def train_loop(run: Run, stop: StopRequest) -> tuple[int, int]:
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
     logger = MetricsLogger(run_dir.tensorboard if cfg.log.tensorboard else None, env.is_main)
     model_flops_per_token = flops_per_token(run.model, run.model_spec, cfg.data.seq_len,
-                                            reference_forward=run.preference is not None and run.reference is None)
+                                            reference_forward=steps_run_reference_forward(cfg.objective))
     peak = peak_flops(env.device)
     tokens_seen, stopped_by = 0, 0
     t_last, steps_since_log = time.perf_counter(), 0
