@@ -119,7 +119,7 @@ def run_torchtune(model, paths, nproc, steps, compile_on, ac_on, out: Path, time
     if plain_ce:
         config["loss"] = {"_component_": "torch.nn.CrossEntropyLoss"}
     cfg.write_text(yaml.safe_dump(config))
-    env = {"BENCH_RECORD_DIR": str(out / "records"), "OMP_NUM_THREADS": "1"}
+    env = worker_env(out, None)
     launched = benchlib.torchrun(nproc, BENCH / "torchtune_worker.py", ["--config", str(cfg)], env,
                                  out / "log.txt", timeout)
     seq_len, batch = benchlib.SHAPES[model]
@@ -127,11 +127,16 @@ def run_torchtune(model, paths, nproc, steps, compile_on, ac_on, out: Path, time
                                         seq_len * batch, trainable=benchlib.lora_trainable(model, LORA_RANK))
 
 
+def worker_env(out: Path, profile: str | None) -> dict:
+    """The environment of a worker that records into ``out`` (and profiles, op_timer.StepProfiler)."""
+    return {"BENCH_RECORD_DIR": str(out / "records"), "OMP_NUM_THREADS": "1", **({"BENCH_PROFILE": profile} if profile else {})}
+
+
 def run_ours(model, paths, kind: str, rank: int, nproc, steps, compile_on, ac_on, out: Path, timeout,
              profile: str | None = None, extra: tuple[str, ...] = ()) -> RunResult:
     overrides = trainer_overrides(model, paths, "lora", nproc, compile_on, ac_on, steps, out)
     overrides += [f"adapter.kind={kind}", f"adapter.rank={rank}", f"adapter.alpha={rank}", *extra]  # later keys win
-    env = {"BENCH_RECORD_DIR": str(out / "records"), "OMP_NUM_THREADS": "1", **({"BENCH_PROFILE": profile} if profile else {})}
+    env = worker_env(out, profile)
     launched = benchlib.torchrun(nproc, BENCH / "trainer_worker.py",
                                  ["--config", str(REPO / "configs" / "tiny.yaml"), *overrides], env,
                                  out / "log.txt", timeout)
@@ -160,10 +165,11 @@ def token_rows(paths: dict, seq_len: int, work: Path) -> Path:
     return out
 
 
-def run_peft(peft_python: str, model, paths, nproc, steps, out: Path, work: Path, timeout) -> RunResult:
+def run_peft(peft_python: str, model, paths, nproc, steps, out: Path, work: Path, timeout,
+             profile: str | None = None) -> RunResult:
     seq_len, batch = benchlib.SHAPES[model]
     tokens = token_rows(paths, seq_len, work)
-    env = {"BENCH_RECORD_DIR": str(out / "records"), "OMP_NUM_THREADS": "1"}
+    env = worker_env(out, profile)
     cmd = [peft_python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(BENCH / "peft_worker.py"), "--model", str(paths["ckpt"]), "--tokens", str(tokens),
            "--rank", str(LORA_RANK), "--steps", str(steps), "--batch", str(batch)]
@@ -187,7 +193,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=None, help="measured steps left out as warm-up (tiny 5, 100m 0)")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--profile", default=None, metavar="FIRST:COUNT",
-                        help="profile our trainer's steps FIRST..FIRST+COUNT-1 on rank 0 (printed after the table)")
+                        help="profile the steps FIRST..FIRST+COUNT-1 of our trainer and HF PEFT on rank 0 (printed after the table)")
     parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for our trainer's runs (e.g. parallel.reshard_after_forward=false); "
                              "their labels get a '+' suffix")
@@ -285,7 +291,7 @@ def run_all(args, work: Path) -> None:
                         r = run_ours(model, paths, "lora", LORA_RANK, *common, args.profile,
                                      (*args.ours_set, "parallel.dp_shard=1"))
                     else:
-                        r = run_peft(args.peft_python, model, paths, nproc, steps, out, work, args.timeout)
+                        r = run_peft(args.peft_python, model, paths, nproc, steps, out, work, args.timeout, args.profile)
                     results.setdefault(label, []).append(r)
                     if (out / "records" / "profile_rank0.txt").is_file():
                         r.extra["profile"] = (out / "records" / "profile_rank0.txt").read_text()

@@ -6,6 +6,8 @@ the usual HF PEFT + accelerate set-up without the accelerate wrapper.
 It runs in its own virtual environment (peft refuses the torchao that torchtune needs), so it
 imports nothing from pmss_dist: bench_peers.py hands it the token ids, already cut to seq_len.
 
+``BENCH_PROFILE=first:count`` profiles its steps as trainer_worker.py profiles ours.
+
     torchrun --nproc_per_node 2 bench/peft_worker.py --model DIR --tokens tokens.json \
         --rank 8 --steps 10 --batch 16
 """
@@ -18,11 +20,11 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers  # noqa: F401  (imported before record_worker: "after import" is comparable)
 from peft import LoraConfig, get_peft_model
 
 from benchlib import COUNTER, HF_PROJECTIONS, peer_worker_arguments, record_worker
+from op_timer import StepProfiler
 
 
 def main() -> None:
@@ -50,16 +52,18 @@ def main() -> None:
     rows = torch.tensor(json.loads(open(args.tokens).read()))
     per_rank = args.batch // world
     gen = torch.Generator().manual_seed(0)
+    profiler = StepProfiler.from_env()
     for step in range(args.steps):
         batch_idx = torch.randperm(len(rows), generator=gen)[:args.batch]
         tokens = rows[batch_idx[rank * per_rank:(rank + 1) * per_rank]]
-        logits = ddp(input_ids=tokens).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()  # DDP averages the gradients over ranks
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with profiler.step(rank):
+            # HF's own causal-LM loss (labels shifted, not the logits: no copy of the logits)
+            loss = ddp(input_ids=tokens, labels=tokens).loss
+            loss.backward()  # DDP averages the gradients over ranks
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         if rank == 0:
             print(f"step {step + 1}/{args.steps} loss {loss.item():.4f}", flush=True)
     dist.barrier()

@@ -11,8 +11,8 @@ gradient, so frozen-only does slightly more work there than PMSS or LoRA: one bl
 GEMMs.) Activation checkpointing is applied only to blocks holding trainable parameters, so
 frozen-only runs without it whatever the config says: its AC-on rows are the AC-off baseline.
 
-``BENCH_PROFILE=first:count`` profiles optimizer steps first..first+count-1 on rank 0 into
-``$BENCH_RECORD_DIR/profile_rank0.txt`` (torch.profiler for the first, CPU time per op for the rest).
+``BENCH_PROFILE=first:count`` profiles optimizer steps first..first+count-1 on rank 0
+(op_timer.StepProfiler).
 
     torchrun --nproc_per_node 2 bench/trainer_worker.py --config configs/tiny.yaml key=value ...
 """
@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 import runpy
 import sys
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +29,7 @@ from torch import nn
 import pmss_dist.build as build
 import pmss_dist.train.trainer as trainer
 from benchlib import REPO, record_worker
+from op_timer import StepProfiler
 
 
 GAIN = "input_gain"
@@ -65,35 +64,13 @@ def _install_frozen_only() -> None:
     hf_checkpoint.base_parameters = base_parameters
 
 
-def _install_step_profiler(first: int, count: int, out_file: Path) -> None:
-    """Profile optimizer steps first..first+count-1 on rank 0: CPU time per aten op (OpCpuTimer,
-    robust to other jobs on the machine) and torch.profiler's table for the first of them."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from op_timer import OpCpuTimer
-
+def _install_step_profiler(profiler) -> None:
+    """Wrap the trainer's step in ``profiler`` (op_timer.StepProfiler)."""
     original_step = trainer.train_step
-    timer, calls, cpu = OpCpuTimer(), [0], [0.0]
 
     def profiled_step(run, *args):
-        calls[0] += 1
-        if run.env.rank != 0 or not first <= calls[0] < first + count:
+        with profiler.step(run.env.rank):
             return original_step(run, *args)
-        start = time.process_time()
-        if calls[0] == first:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                result = original_step(run, *args)
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-            out_file.write_text(f"torch.profiler, step {first} (wall-clock durations):\n{table}\n")
-        else:
-            with timer:
-                result = original_step(run, *args)
-            cpu[0] += time.process_time() - start
-        if calls[0] == first + count - 1:
-            with open(out_file, "a") as f:
-                f.write(f"\nsteps {first + 1}-{first + count - 1}:\n"
-                        f"{timer.table(steps=count - 1, top=25, total_cpu_s=cpu[0])}\n")
-        return result
 
     trainer.train_step = profiled_step
 
@@ -103,10 +80,9 @@ def main() -> None:
     record_worker(record_dir)
     if os.environ.get("BENCH_FROZEN_ONLY") == "1":
         _install_frozen_only()
-    if os.environ.get("BENCH_PROFILE"):  # "first:count", e.g. "4:4": steps 4..7
-        first, count = (int(v) for v in os.environ["BENCH_PROFILE"].split(":"))
-        Path(record_dir).mkdir(parents=True, exist_ok=True)
-        _install_step_profiler(first, count, Path(record_dir) / "profile_rank0.txt")
+    profiler = StepProfiler.from_env()
+    if profiler.enabled:
+        _install_step_profiler(profiler)
     sys.argv = [str(REPO / "launch" / "train.py"), *sys.argv[1:]]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
