@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import socket
@@ -58,10 +59,31 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        keep_freed_host_memory()
     watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None)
     return DistEnv(rank, world_size, local_rank, device)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 2**31 - 1  # mallopt takes an int
+
+
+def keep_freed_host_memory() -> bool:
+    """On CPU, have glibc's malloc keep the memory a step frees for the next step. By default it
+    returns large blocks to the kernel (those above a 128 KiB-32 MiB threshold are mmap'd and
+    unmapped when freed, and a free heap top above twice that is trimmed), so each step
+    page-faults its logits, their gradients and the gathered weights in again, zeroed by the
+    kernel; how often depends on the heap's layout and changes from run to run. torch's own CPU
+    launcher sets jemalloc up to keep freed memory for the same reason. Returns whether it
+    applied (False without glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 # Set by torchrun in every worker it starts.
