@@ -71,19 +71,19 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 2**31 - 1  # mallopt takes an int
 
 
-def keep_freed_host_memory() -> bool:
+def keep_freed_host_memory() -> None:
     """On CPU, have glibc's malloc keep the memory a step frees for the next step. By default it
     returns large blocks to the kernel (those above a 128 KiB-32 MiB threshold are mmap'd and
     unmapped when freed, and a free heap top above twice that is trimmed), so each step
     page-faults its logits, their gradients and the gathered weights in again, zeroed by the
     kernel; how often depends on the heap's layout and changes from run to run. torch's own CPU
-    launcher sets jemalloc up to keep freed memory for the same reason. Returns whether it
-    applied (False without glibc)."""
+    launcher sets jemalloc up to keep freed memory for the same reason. Without glibc, nothing."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+        return
+    mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
 
 
 # Set by torchrun in every worker it starts.
