@@ -40,7 +40,8 @@ if dist.is_initialized():
 
 def later_rounds_faults(mode: str) -> int:
     proc = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={k: v for k, v in os.environ.items() if k not in DIST_ENV})
+                          env={**{k: v for k, v in os.environ.items() if k not in DIST_ENV},
+                               "CUDA_VISIBLE_DEVICES": ""})  # the CPU path, on a GPU node too
     assert proc.returncode == 0, proc.stderr[-2000:]
     return sum(int(v) for v in proc.stdout.split()[-LATER:])
 
