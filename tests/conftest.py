@@ -138,6 +138,27 @@ def summary(output_dir: Path) -> dict:
     return json.loads((Path(output_dir) / "summary.json").read_text())
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict; empty once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def signal_in(mask: str, signum: int) -> bool:
+    """Whether a /proc/PID/status signal mask (SigCgt, SigPnd, ...) holds `signum`."""
+    return bool(int(mask, 16) & (1 << (signum - 1)))
+
+
+def catches_stop_signals(pid: int) -> bool:
+    """Whether the trainer's StopRequest is installed in `pid`: a SIGTERM or SIGUSR1 sent now ends
+    the run with a save at its next step, never kills it."""
+    caught = proc_status(pid).get("SigCgt", "0")
+    return signal_in(caught, signal.SIGTERM) and signal_in(caught, signal.SIGUSR1)
+
+
 PROBE = REPO / "tests" / "dist_probe.py"
 
 

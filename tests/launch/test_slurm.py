@@ -9,7 +9,9 @@
   itself and resumes to the same losses, and the export (pmss-export), submitted as a
   job depending on it (afterok), runs after the final attempt; train_srun.sbatch (one srun
   task per rank, no torchrun) is preempted by a job of a higher-priority partition, saves,
-  requeues and resumes to the same losses.
+  requeues and resumes to the same losses. While SLURM signals them the trainers are held
+  (SIGSTOP until the signal is pending), so the signal lands before their first step ends
+  however fast the steps run.
 - The requeue decision of launch/slurm/job_state.py, case by case (no SLURM needed).
 """
 
@@ -20,15 +22,18 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, REPO, TINY_CONFIG, TRAIN, free_port, job_env, run_job, summary
+from conftest import (FAST, REPO, TINY_CONFIG, TRAIN, catches_stop_signals, free_port, job_env, proc_status,
+                      run_job, signal_in, summary)
 from slurm_harness import SlurmCluster, SlurmUnavailable, ensure_installed
 
 pytestmark = pytest.mark.slow  # a real SLURM
@@ -38,7 +43,7 @@ TORCHRUN_SBATCH = SLURM_DIR / "train_torchrun.sbatch"
 SRUN_SBATCH = SLURM_DIR / "train_srun.sbatch"
 JOB_STATE = SLURM_DIR / "job_state.py"
 MAX_STEPS = 16
-# A step log line per step (the tests wait for one before signalling), a checkpoint every 4.
+# A stop signal acted on at the next step (log_every=1), a checkpoint every 4.
 RUN = [*FAST, f"max_steps={MAX_STEPS}", "log.log_every=1", "checkpoint.every_steps=4"]
 JOB_TIMEOUT_S = 300
 
@@ -157,17 +162,52 @@ def submit(slurm: SlurmCluster, script: Path, sbatch_options: list[str], out: Pa
                         env={**job_env(), "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **env})
 
 
-def wait_for_text(log: Path, needle: str, slurm: SlurmCluster, job: int, timeout_s: float = 180) -> None:
+def trainer_pids(out: Path) -> list[int]:
+    """The training processes writing to `out` that catch the stop signals (the trainer's
+    StopRequest is installed): Python running launch/train.py, not the srun, torchrun or
+    batch-shell processes whose command lines name it too."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone, or not a process directory
+            continue
+        if not (Path(argv[0]).name.startswith("python") and f"output_dir={out}" in argv
+                and any(arg.endswith("launch/train.py") for arg in argv)
+                and not any(arg == "torch.distributed.run" or arg.endswith("torchrun") for arg in argv)):
+            continue
+        if catches_stop_signals(int(proc.name)):
+            pids.append(int(proc.name))
+    return pids
+
+
+@contextmanager
+def trainers_held(out: Path, nproc: int, signum: int, slurm: SlurmCluster, job: int, timeout_s: float = 180):
+    """Once every trainer catches the stop signals, stop them (SIGSTOP) while the block makes
+    SLURM signal them, and let them go on once `signum` is pending in every one (or SLURM
+    continued them itself). The signal then lands at a known point, however fast the run's
+    steps are: the trainers act on it after their first step."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if log.is_file() and needle in log.read_text(errors="replace"):
-            return
-        if slurm.job_fields(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-            break
-        time.sleep(0.2)
-    text = log.read_text(errors="replace") if log.is_file() else "(no log)"
-    raise AssertionError(f"{needle!r} not in the log of job {job} ({slurm.job_fields(job).get('JobState')}):\n"
-                         f"{text[-4000:]}\n{slurm.logs()}")
+    while len(pids := trainer_pids(out)) < nproc:
+        state = slurm.job_fields(job).get("JobState")
+        assert time.monotonic() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"job {job} ({state}): {len(pids)} of {nproc} trainers started\n{slurm.logs()}"
+        time.sleep(0.05)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+        while any((status := proc_status(pid)) and status["State"].startswith("T")
+                  and not signal_in(status["SigPnd"], signum) and not signal_in(status["ShdPnd"], signum)
+                  for pid in pids):
+            assert time.monotonic() < deadline, f"{signal.Signals(signum).name} never reached trainers {pids}"
+            time.sleep(0.05)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 def assert_resumed_to_completion(slurm, job: int, log: Path, out: Path, reference: dict, stop_line: str) -> None:
@@ -178,7 +218,7 @@ def assert_resumed_to_completion(slurm, job: int, log: Path, out: Path, referenc
     stopped = re.search(stop_line, text)
     assert stopped, text[-6000:]
     step = int(stopped.group(1))
-    assert 2 <= step < MAX_STEPS
+    assert 1 <= step < MAX_STEPS
     assert f"job {job} attempt 2 " in text
     assert f"resumed from {out}/checkpoints/step_{step:06d} at step {step}" in text, text[-6000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS:06d}"
@@ -193,9 +233,9 @@ def test_torchrun_sbatch_saves_on_usr1_requeues_and_resumes(slurm, reference, tm
     export_cmd = [sys.executable, "-m", "pmss_dist.cli.export", "--run", str(out), "--out", str(export_dir)]
     export = slurm.sbatch([f"--dependency=afterok:{job}", f"--output={export_log}",
                            "--wrap", shlex.join(export_cmd)], cwd=REPO)
-    wait_for_text(log, f"[step 2/{MAX_STEPS}", slurm, job)  # in the loop: the stop handler is installed
-    # What `#SBATCH --signal=B:USR1@120` does before the time limit: SIGUSR1 to the batch shell.
-    slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    with trainers_held(out, 2, signal.SIGUSR1, slurm, job):
+        # What `#SBATCH --signal=B:USR1@120` does before the time limit: SIGUSR1 to the batch shell.
+        slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
     assert_resumed_to_completion(slurm, job, log, out, reference,
                                  r"requeueing: save-and-requeue requested, stopped after saving step (\d+)")
     export_state = slurm.wait_for_job(export, 120)["JobState"]
@@ -210,11 +250,12 @@ def test_srun_sbatch_preempted_requeues_and_resumes(slurm, reference, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     job = submit(slurm, SRUN_SBATCH, ["--gpus-per-node=0", "--ntasks=2", "--ntasks-per-node=2",
                                       "--cpus-per-task=1"], out, log)
-    wait_for_text(log, f"[step 2/{MAX_STEPS}", slurm, job)
-    # The training job holds the whole node; a job of the higher-priority partition preempts it.
+    # The training job holds the whole node; a job of the higher-priority partition preempts it
+    # (SIGTERM to the job's processes; GraceTime leaves them time to save).
     urgent_log = tmp_path / "urgent.log"
-    urgent = slurm.sbatch(["--partition=urgent", "--exclusive", f"--output={urgent_log}",
-                           "--wrap", "echo urgent job ran"], cwd=tmp_path)
+    with trainers_held(out, 2, signal.SIGTERM, slurm, job):
+        urgent = slurm.sbatch(["--partition=urgent", "--exclusive", f"--output={urgent_log}",
+                               "--wrap", "echo urgent job ran"], cwd=tmp_path)
     assert_resumed_to_completion(slurm, job, log, out, reference,
                                  r"requeueing: preempted, stopped after saving step (\d+)")
     assert slurm.wait_for_job(urgent, 30)["JobState"] == "COMPLETED"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, REPO, job_cmd, job_env, run_direct, run_job, summary
+from conftest import FAST, REPO, catches_stop_signals, job_cmd, job_env, run_direct, run_job, summary
 
 pytestmark = pytest.mark.slow  # torchrun jobs, killed and resumed
 
@@ -100,8 +100,11 @@ def test_sigterm_saves_stops_and_resumes(uninterrupted, session_tmp):
     out = session_tmp / "sigterm"
     job = subprocess.Popen(job_cmd(2, [*LONG, "checkpoint.every_steps=0", f"output_dir={out}"]),
                            env=job_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: "[step 5/40" in (out / "tensorboard").as_posix() or any((out / "tensorboard").glob("*")))
-    time.sleep(0.5)
+    # Sent once both trainers catch it, before their first step: it lands mid-run however fast the
+    # steps are.
+    wait_for(lambda: job.poll() is not None
+             or (len(workers := children(job.pid)) == 2 and all(map(catches_stop_signals, workers))))
+    assert job.poll() is None, f"job ended before the signal:\n{job.stderr.read()[-3000:]}"
     for pid in children(job.pid):  # what SLURM's --signal does to the job's tasks
         os.kill(pid, signal.SIGTERM)
     job.wait(timeout=120)
