@@ -10,8 +10,8 @@
   job depending on it (afterok), runs after the final attempt; train_srun.sbatch (one srun
   task per rank, no torchrun) is preempted by a job of a higher-priority partition, saves,
   requeues and resumes to the same losses. While SLURM signals them the trainers are held
-  (SIGSTOP until the signal is pending), so the signal lands before their first step ends
-  however fast the steps run.
+  (SIGSTOP until the signal is pending), so it lands in their start-up or first step however
+  fast the steps run.
 - The requeue decision of launch/slurm/job_state.py, case by case (no SLURM needed).
 """
 
@@ -186,7 +186,8 @@ def trainers_held(out: Path, nproc: int, signum: int, slurm: SlurmCluster, job: 
     """Once every trainer catches the stop signals, stop them (SIGSTOP) while the block makes
     SLURM signal them, and let them go on once `signum` is pending in every one (or SLURM
     continued them itself). The signal then lands at a known point, however fast the run's
-    steps are: the trainers act on it after their first step."""
+    steps are: during start-up or the first step, so the trainers act on it after step 1 (or 2,
+    had step 1 begun)."""
     deadline = time.monotonic() + timeout_s
     while len(pids := trainer_pids(out)) < nproc:
         state = slurm.job_fields(job).get("JobState")
