@@ -138,6 +138,12 @@ def summary(output_dir: Path) -> dict:
     return json.loads((Path(output_dir) / "summary.json").read_text())
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (torchrun's: its workers), from /proc."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
 def proc_status(pid: int) -> dict[str, str]:
     """/proc/PID/status as a dict; empty once the process is gone."""
     try:

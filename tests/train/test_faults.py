@@ -12,21 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, REPO, catches_stop_signals, job_cmd, job_env, run_direct, run_job, summary
+from conftest import FAST, REPO, catches_stop_signals, children, job_cmd, job_env, run_direct, run_job, summary
 
 pytestmark = pytest.mark.slow  # torchrun jobs, killed and resumed
 
 PROBE = REPO / "tests" / "dist_probe.py"
 # keep_last=4: the fallback test damages the newest three checkpoints and resumes from the fourth.
 LONG = [*FAST, "max_steps=40", "checkpoint.every_steps=5", "checkpoint.keep_last=4", "log.log_every=5"]
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out += [int(c) for c in text]
-    return out
 
 
 def latest_step(out: Path) -> int:

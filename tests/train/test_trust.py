@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, REPO, job_cmd, job_env, run_direct, run_job, summary
+from conftest import FAST, REPO, children, job_cmd, job_env, run_direct, run_job, summary
 
 from pmss_dist.checkpoints import storage
 from pmss_dist.checkpoints.record import (CheckpointError, newest_valid, prunable, published_checkpoints, read_manifest,
@@ -356,10 +356,6 @@ def _gone(pid: int) -> bool:
     return process_start(pid) in (None, "zombie")
 
 
-def _workers(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-
-
 @pytest.mark.slow
 def test_10_workers_die_when_torchrun_is_killed_and_a_rerun_takes_over(tmp_path):
     out = tmp_path / "run"
@@ -372,7 +368,7 @@ def test_10_workers_die_when_torchrun_is_killed_and_a_rerun_takes_over(tmp_path)
         while not (out / "checkpoints" / "latest").is_file():
             assert job.poll() is None and time.time() < deadline, "the job did not start training"
             time.sleep(0.05)
-        workers = _workers(job.pid)
+        workers = children(job.pid)
         assert len(workers) == 2
         os.kill(job.pid, signal.SIGKILL)  # torchrun alone: its workers are in sessions of their own
         job.wait(timeout=60)
