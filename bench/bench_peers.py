@@ -133,13 +133,15 @@ def worker_env(out: Path, profile: str | None) -> dict:
 
 
 def run_ours(model, paths, kind: str, rank: int, nproc, steps, compile_on, ac_on, out: Path, timeout,
-             profile: str | None = None, extra: tuple[str, ...] = ()) -> RunResult:
+             profile: str | None = None, extra: tuple[str, ...] = (), tree: Path = REPO) -> RunResult:
+    """One run of our trainer from the source ``tree`` (this checkout unless bench_commits.py
+    names another commit's)."""
     overrides = trainer_overrides(model, paths, "lora", nproc, compile_on, ac_on, steps, out)
     overrides += [f"adapter.kind={kind}", f"adapter.rank={rank}", f"adapter.alpha={rank}", *extra]  # later keys win
     env = worker_env(out, profile)
-    launched = benchlib.torchrun(nproc, BENCH / "trainer_worker.py",
-                                 ["--config", str(REPO / "configs" / "tiny.yaml"), *overrides], env,
-                                 out / "log.txt", timeout)
+    launched = benchlib.torchrun(nproc, tree / "bench" / "trainer_worker.py",
+                                 ["--config", str(tree / "configs" / "tiny.yaml"), *overrides], env,
+                                 out / "log.txt", timeout, tree)
     seq_len, batch = benchlib.SHAPES[model]
     summary = RunDir(out).read_summary()
     selection = ("-" if kind != "pmss" else

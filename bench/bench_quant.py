@@ -81,13 +81,7 @@ def mib(values) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"any of {', '.join(RUNS)}")
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run; steps 2.. are measured")
-    parser.add_argument("--skip", type=int, default=0, help="measured steps left out as warm-up")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--workdir", default=None, help="keep inputs, runs and logs here (default: a temporary "
-                        "directory, removed at the end)")
-    parser.add_argument("--timeout", type=float, default=900)
+    benchlib.add_run_arguments(parser, steps=5)
     args = parser.parse_args()
     runs = args.runs.split(",")
     os.environ["BENCH_FROZEN_BYTES"] = "1"  # every worker records its frozen bytes (benchlib.record_worker)

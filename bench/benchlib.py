@@ -177,20 +177,34 @@ def prepare_workspace(root: Path, model: str, num_rows: int = 1024) -> dict[str,
     return {"ckpt": ckpt, "data": data, "tokenizer": ckpt / "tokenizer.model"}
 
 
-def torchrun(nproc: int, script: Path, args: list[str], env: dict, log: Path, timeout: float) -> float:
+def add_run_arguments(parser, steps: int) -> None:
+    """The options of an interleaved comparison on N processes (bench_quant.py, bench_commits.py)."""
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run; steps 2.. are measured")
+    parser.add_argument("--skip", type=int, default=0, help="measured steps left out as warm-up")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--workdir", default=None, help="keep inputs, runs and logs here (default: a temporary "
+                        "directory, removed at the end)")
+    parser.add_argument("--timeout", type=float, default=900)
+
+
+def torchrun(nproc: int, script: Path, args: list[str], env: dict, log: Path, timeout: float,
+             tree: Path = REPO) -> float:
     """Run ``script`` on ``nproc`` local processes; return the launch time (time.time())."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *args]
-    return run_command(cmd, env, log, timeout)
+    return run_command(cmd, env, log, timeout, tree)
 
 
-def run_command(cmd: list[str], env: dict, log: Path, timeout: float) -> float:
+def run_command(cmd: list[str], env: dict, log: Path, timeout: float, tree: Path = REPO) -> float:
+    """Run ``cmd`` in the source ``tree`` (this checkout, or another commit's, bench_commits.py),
+    its ``bench/`` and ``src/`` first on the path."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH), str(REPO / "src"), env.get("PYTHONPATH", ""))
-                                             if p)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(tree / "bench"), str(tree / "src"), env.get("PYTHONPATH", "")) if p)
     launched = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=tree, env=full_env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
         tail = "".join(Path(log).read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}; log {log}:\n{tail}")
